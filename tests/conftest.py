@@ -103,3 +103,28 @@ def ray_local(gcs_emulator):
         yield ray
     finally:
         ray.shutdown()
+
+
+# ---- synthetic dataset fixtures (data engineer) ----
+# Small, quick (a couple of seconds) and shared by the whole session; tests must not modify them.
+SYNTH_SAMPLES, SYNTH_BGS, SYNTH_FGS, SYNTH_SHARD = 200, 4, 3, 32
+
+
+@pytest.fixture(scope="session")
+def synth_source(tmp_path_factory) -> str:
+    """A source dataset in the original layout (index.csv + zips): 200 samples, 4 bgs, 3 fgs, seed 0."""
+    from ray_mmd.data import synth
+
+    out = str(tmp_path_factory.mktemp("synth_source"))
+    synth.generate(out, SYNTH_SAMPLES, bgs=SYNTH_BGS, fgs=SYNTH_FGS, seed=0, workers=1)
+    return out
+
+
+@pytest.fixture(scope="session")
+def packed_dataset(synth_source, tmp_path_factory) -> str:
+    """`synth_source` packed with shard_size 32; returns the root (ray_mmd.data.manifest.load(root) works)."""
+    from ray_mmd.data import pack
+
+    out = str(tmp_path_factory.mktemp("packed_dataset"))
+    pack.pack(synth_source, out, shard_size=SYNTH_SHARD, workers=1)
+    return out

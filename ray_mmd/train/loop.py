@@ -1,0 +1,426 @@
+"""`train_loop_per_worker`: restore, step, log, checkpoint, evaluate — one worker of a Ray Train run.
+
+Every restart and every elastic resize re-runs this function from the top with a new world size, so
+it always begins by restoring the newest checkpoint that verifies. The global batch and the LR
+schedule (by global step) do not depend on the world size: each rank trains its slice of a constant
+global batch, and the loss is weighted by the slice's share so the all-reduced gradient is the
+global-batch mean.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import tempfile
+import time
+import uuid
+from collections import deque
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from ray_mmd import storage
+from ray_mmd.config import TrainConfig
+from ray_mmd.data import manifest as mf
+from ray_mmd.train import stages
+from ray_mmd.train import state as st
+
+log = logging.getLogger("ray_mmd.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    """K steps in a row had a NaN/inf loss."""
+
+
+# ---- building blocks ----------------------------------------------------------------------------
+
+
+def chunk_schedule(cfg: TrainConfig, man: mf.Manifest) -> list[tuple[int, int, int]]:
+    if cfg.data.chunks:
+        return [(c[0], c[1], c[2] if len(c) > 2 else cfg.data.epochs) for c in cfg.data.chunks]
+    return [(0, man.id_end, cfg.data.epochs)]
+
+
+def total_steps(cfg: TrainConfig, man: mf.Manifest) -> int:
+    """Steps of the whole schedule (remainders smaller than a global batch are dropped)."""
+    g = cfg.data.global_batch_size
+    return max(
+        1, sum(e * (len(man.sample_ids("train", lo, hi)) // g) for lo, hi, e in chunk_schedule(cfg, man))
+    )
+
+
+def lr_lambda(cfg: TrainConfig, steps: int):
+    """LR multiplier as a pure function of the global step."""
+    o = cfg.optim
+    warm = max(1, int(o.warmup_fraction * steps))
+
+    def f(step: int) -> float:
+        if o.schedule == "constant":
+            return min(1.0, (step + 1) / warm)
+        if o.schedule == "onecycle":
+            if step < warm:
+                return 0.05 + 0.95 * step / warm
+            t = min(1.0, (step - warm) / max(1, steps - warm))
+            return 0.5 * (1 + math.cos(math.pi * t)) * 0.99 + 0.01
+        t = min(1.0, step / steps)  # cosine
+        return 0.5 * (1 + math.cos(math.pi * t)) * 0.99 + 0.01
+
+    return f
+
+
+def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """Fused where possible: a non-finite step is then skipped on device, without a host sync."""
+    from ray_mmd.train.step import make_optimizer
+
+    o = cfg.optim
+    kw = {"momentum": o.momentum} if o.name == "sgd" else {}
+    return make_optimizer(params, o.name, lr=o.lr, weight_decay=o.weight_decay, **kw)
+
+
+def stream_config(cfg: TrainConfig, chunks: list[tuple[int, int, int]]):
+    from ray_mmd.data.stream import Chunk, StreamConfig
+
+    d = cfg.data
+    return StreamConfig(
+        data=d.url,
+        split="train",
+        chunks=[Chunk(lo, hi, e) for lo, hi, e in chunks],
+        image_size=d.image_size,
+        global_batch_size=d.global_batch_size,
+        seed=d.seed,
+        shuffle=d.shuffle,
+        flip_p=d.flip_p,
+        cache_dir=d.cache_dir,
+        cache_bytes=d.cache_bytes,
+        decoded_preload_bytes=d.decoded_preload_bytes,
+        max_bad_fraction=d.max_bad_fraction,
+    )
+
+
+def _setup_logging(rank: int) -> None:
+    """Our messages with time and rank; Ray forwards worker output to the driver."""
+    lg = logging.getLogger("ray_mmd")
+    lg.setLevel(logging.INFO)
+    if not any(getattr(h, "_ray_mmd", False) for h in lg.handlers):
+        h = logging.StreamHandler()
+        h._ray_mmd = True  # type: ignore[attr-defined]
+        h.setFormatter(logging.Formatter(f"%(asctime)s [rank {rank}] %(message)s", "%H:%M:%S"))
+        lg.addHandler(h)
+        lg.propagate = False
+
+
+def _gather_ids(ids: list[int], world: int) -> list[int]:
+    if world == 1 or not dist.is_initialized():
+        return ids
+    out: list[Any] = [None] * world
+    dist.all_gather_object(out, ids)
+    return [i for part in out for i in part]
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+
+
+class _Run:
+    """State and plumbing of one attempt on one worker; `train()` is the loop itself."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        from ray_mmd.data.stream import DataStream
+        from ray_mmd.losses import MultiTaskLoss
+        from ray_mmd.models import build_model
+        from ray_mmd.train.step import AmpPolicy
+
+        self.cfg = cfg
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        _setup_logging(self.rank)
+        self.run_url = stages.run_url(cfg)
+        self.device = ray.train.torch.get_device()
+        if cfg.optim.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        torch.manual_seed(cfg.data.seed)  # same initial weights on every rank
+
+        self.man = mf.load(cfg.data.url)
+        chunks = chunk_schedule(cfg, self.man)
+        self.total_steps = total_steps(cfg, self.man)
+        self.stream = DataStream(stream_config(cfg, chunks), rank=self.rank, world_size=self.world)
+
+        self.model = build_model(cfg.model.name, width=cfg.model.width)
+        self.progress = st.Progress(stage=cfg.stage)
+        self.lineage = st.Lineage(run=cfg.run.name, stage=cfg.stage)
+        self.ledger = st.IdLedger()
+
+        self.local_mode = cfg.run.workers[-1] == 0
+        ckpt = None if self.local_mode else ray.train.get_checkpoint()
+        preferred = storage.join(self.run_url, os.path.basename(ckpt.path.rstrip("/"))) if ckpt else None
+        found = st.restore_latest(self.run_url, preferred)
+        if found is None:
+            self.lineage.parent = stages.init_from_parent(self.model, cfg)
+        stages.apply_freeze(self.model, cfg)
+
+        self.policy = AmpPolicy.for_device(self.device, mode=cfg.optim.amp)
+        self.policy.prepare_model(self.model)
+        self.ddp = ray.train.torch.prepare_model(self.model)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(cfg, params)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg, self.total_steps))
+        self.loss_fn = MultiTaskLoss(
+            mask_spec=cfg.loss.mask,
+            depth_spec=cfg.loss.depth,
+            mask_weight=cfg.loss.mask_weight,
+            depth_weight=cfg.loss.depth_weight,
+        )
+        parts: dict[str, Any] = dict(
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            amp=self.policy,  # GradScaler state (fp16 GPUs)
+            rng=st.RNGState(),
+            data=self.stream,
+            progress=self.progress,
+            lineage=self.lineage,
+            config=st.Value(cfg.to_dict()),
+            ids=self.ledger,
+        )
+        self.state = st.TrainState(**parts)
+
+        self.last_ckpt: str | None = None
+        self.good_ckpt: str | None = None
+        self.streak = 0  # non-finite steps in a row, as of the last flush
+        if found is not None:
+            sd, meta, url = found
+            # the config is the one given now (e.g. a longer schedule); everything else resumes
+            self.state.load_state_dict(sd, skip=("config",))
+            self.progress.restarts += 1
+            self.last_ckpt = self.good_ckpt = url
+            if self.rank == 0:
+                log.info(
+                    "resumed from %s at global step %d (world size %d)",
+                    url,
+                    self.progress.global_step,
+                    self.world,
+                )
+        self.token = uuid.uuid4().hex[:6]
+        if self.rank == 0:
+            log.info(
+                "stage %d run %s: world size %d, global batch %d, step %d of %d",
+                cfg.stage,
+                cfg.run.name,
+                self.world,
+                cfg.data.global_batch_size,
+                self.progress.global_step,
+                self.total_steps,
+            )
+        self.writer = None
+        if self.rank == 0:
+            from ray_mmd.train.eval import RunLog
+
+            self.writer = RunLog(self.run_url)
+
+    # -- checkpoint ------------------------------------------------------------------------------
+
+    def save(self, metrics: dict[str, Any], reason: str) -> None:
+        """Rank 0 writes the files, every rank reports (report is a barrier); upload runs in the background."""
+        step = self.progress.global_step
+        checkpoint = None
+        name = st.checkpoint_dir_name(step, f"{int(time.time() * 1000):x}{self.token}")
+        if self.rank == 0:
+            tmp = tempfile.mkdtemp(prefix="ray_mmd_ckpt_")
+            st.write_checkpoint(
+                tmp,
+                self.state.state_dict(),
+                {"step": step, "stage": self.cfg.stage, "run": self.cfg.run.name, "reason": reason},
+            )
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        self.last_ckpt = storage.join(self.run_url, name)
+        if self.streak == 0:
+            self.good_ckpt = self.last_ckpt
+        if self.local_mode:  # no controller to persist it: copy it into the run dir ourselves
+            st.persist_local(tmp, self.last_ckpt, self.run_url, self.cfg.checkpoint.num_to_keep)
+            ray.train.report({**metrics, "step": step, "reason": reason})
+            return
+        ray.train.report(
+            {**metrics, "step": step, "reason": reason, "world_size": self.world},
+            checkpoint=checkpoint,
+            checkpoint_dir_name=name,
+            checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+        )
+
+    # -- the loop -------------------------------------------------------------------------------
+
+    def train(self) -> None:
+        from ray_mmd.train.eval import evaluate
+        from ray_mmd.train.step import train_step
+
+        cfg, p = self.cfg, self.progress
+        bar = None
+        if self.rank == 0 and cfg.run.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(
+                total=self.total_steps,
+                initial=p.global_step,
+                desc=f"stage {cfg.stage}",
+                unit="step",
+                mininterval=2.0,
+                dynamic_ncols=True,
+            )
+        window: list[dict[str, torch.Tensor]] = []
+        ids_ring: deque[tuple[int, torch.Tensor]] = deque(
+            maxlen=max(cfg.run.nan_abort_after, cfg.run.log_every)
+        )
+        t_window = [time.perf_counter(), 0]  # start, images
+        start_step = p.global_step
+        last_metrics: dict[str, Any] = {}
+        g = cfg.data.global_batch_size
+        micro = cfg.data.micro_batch_size
+
+        def flush() -> dict[str, float]:
+            """The only host sync: losses and finite flags of the steps since the last flush."""
+            if not window:
+                return {}
+            stacked = {k: torch.stack([w[k] for w in window]).float().cpu() for k in window[0]}
+            finite = stacked.pop("finite").bool().tolist()
+            steps = [s for s, _ in list(ids_ring)[-len(finite) :]]
+            for ok, s in zip(finite, steps, strict=False):
+                if ok:
+                    self.streak = 0
+                    continue
+                p.skipped_steps += 1
+                self.streak += 1
+                if self.streak >= cfg.run.nan_abort_after:
+                    bad = dict(ids_ring).get(s)
+                    raise NonFiniteLossError(
+                        f"{self.streak} non-finite losses in a row ending at global step {s}; offending batch "
+                        f"sample ids (rank {self.rank}): {bad.tolist() if bad is not None else '?'}; last good "
+                        f"checkpoint (before the streak): {self.good_ckpt or 'none'}"
+                    )
+            good = ~torch.isnan(stacked["loss"]) & ~torch.isinf(stacked["loss"])
+            out = {k: float(v[good].mean()) if good.any() else float("nan") for k, v in stacked.items()}
+            window.clear()
+            dt = time.perf_counter() - t_window[0]
+            out["img_per_s"] = t_window[1] / dt if dt > 0 else 0.0
+            out["skipped_steps"] = p.skipped_steps
+            out["lr"] = self.scheduler.get_last_lr()[0]
+            t_window[0], t_window[1] = time.perf_counter(), 0
+            return out
+
+        from ray_mmd.profiling import profile
+
+        local_run = storage.split_url(self.run_url)[0] == "file"
+        prof_dir = (
+            os.path.join(storage.split_url(self.run_url)[1], "profile")
+            if local_run
+            else os.path.join(tempfile.gettempdir(), f"ray_mmd_profile_{cfg.run.name}")
+        )
+        # --profile (run.profile=true): cProfile table + a torch.profiler trace of 5 steps, rank 0 only
+        with profile(prof_dir, enabled=cfg.run.profile and self.rank == 0, torch_steps=5) as prof:
+            while not self.stream.done:
+                self.ddp.train()
+                for batch in self.stream.epoch_batches():
+                    step = p.global_step
+                    n_local = batch["x"].shape[0]
+                    if cfg.debug.nan_at_steps and step in cfg.debug.nan_at_steps:
+                        # a NaN target makes the loss non-finite without touching BatchNorm statistics
+                        batch = {**batch, "depth": torch.full_like(batch["depth"], float("nan"))}
+                    if cfg.debug.record_ids:
+                        self.ledger.record(
+                            step, self.world, _gather_ids(batch["sample_id"].tolist(), self.world)
+                        )
+                    out = train_step(
+                        self.ddp,
+                        self.policy.prepare_batch(batch),
+                        self._loss_for(n_local),
+                        self.optimizer,
+                        self.policy,
+                        accum_steps=-(-n_local // micro) if micro else 1,
+                        grad_clip=cfg.optim.grad_clip,
+                    )
+                    self.scheduler.step()
+                    p.global_step += 1
+                    p.samples_seen += g
+                    window.append(out)
+                    prof.step()
+                    ids_ring.append((step, batch["sample_id"]))
+                    t_window[1] += n_local * self.world
+                    if cfg.debug.step_sleep_s:
+                        time.sleep(cfg.debug.step_sleep_s)
+                    self._maybe_kill()
+                    if p.global_step % cfg.run.log_every == 0:
+                        m = flush()
+                        if m:
+                            last_metrics = m
+                            if bar is not None:
+                                bar.set_postfix(
+                                    loss=f"{m['loss']:.4f}",
+                                    mask=f"{m.get('mask', 0):.3f}",
+                                    depth=f"{m.get('depth', 0):.3f}",
+                                    img_s=f"{m['img_per_s']:.0f}",
+                                )
+                                bar.update(p.global_step - bar.n)
+                            if self.writer is not None:
+                                self.writer.scalars(p.global_step, {f"train/{k}": v for k, v in m.items()})
+                    # (the last step of an epoch gets the epoch-end checkpoint right below instead)
+                    if p.global_step % cfg.checkpoint.every_steps == 0 and self.stream.steps_left() > 0:
+                        last_metrics.update(flush())
+                        self.save(_plain(last_metrics), "interval")
+                # epoch (or chunk) done: the stream's position already points at the next one
+                last_metrics.update(flush())
+                if bar is not None:
+                    bar.update(p.global_step - bar.n)
+                ev = evaluate(self, p.evals)
+                p.evals += 1
+                last_metrics.update({f"eval/{k}": v for k, v in ev.items()})
+                if self.writer is not None:
+                    self.writer.scalars(p.global_step, {f"eval/{k}": v for k, v in ev.items()}, kind="eval")
+                reason = "final" if self.stream.done else "epoch"
+                self.save(_plain(last_metrics), reason)
+        if bar is not None:
+            bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        if p.global_step == start_step and self.rank == 0:
+            log.info("nothing left to train: the data schedule of run %s is complete", cfg.run.name)
+
+    def _loss_for(self, n_local: int):
+        """Weight this rank's loss by its share of the global batch, so DDP's mean over ranks is the
+        global-batch mean even when the batch does not split evenly (e.g. 3 workers, batch 64)."""
+        w = n_local * self.world / self.cfg.data.global_batch_size
+        if w == 1.0:
+            return self.loss_fn
+
+        def weighted(out: torch.Tensor, mask: torch.Tensor, depth: torch.Tensor):
+            total, parts = self.loss_fn(out, mask, depth)
+            return total * w, parts
+
+        return weighted
+
+    def _maybe_kill(self) -> None:
+        """Chaos hook: SIGKILL this worker process once at a given step (tests only)."""
+        d = self.cfg.debug
+        at = d.kill_at_step if d.kill_at_step is not None else d.fail_at_step
+        if at is None or self.progress.global_step != at:
+            return
+        if self.rank != d.kill_rank % self.world or not d.kill_marker or os.path.exists(d.kill_marker):
+            return
+        with open(d.kill_marker, "w") as f:
+            f.write(str(os.getpid()))
+        if d.kill_at_step is None:
+            raise RuntimeError(f"chaos: injected failure at step {at}")
+        log.warning("chaos: SIGKILL worker pid %d at step %d", os.getpid(), self.progress.global_step)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _plain(m: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v if isinstance(v, int | str) else float(v)) for k, v in m.items()}
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Entry point for TorchTrainer: `config` is {"cfg": TrainConfig.to_dict()}."""
+    cfg = TrainConfig.from_dict(config["cfg"])
+    _Run(cfg).train()
