@@ -76,13 +76,15 @@ def plain_loop(cfg, skip: int) -> tuple[float, int]:
     torch.manual_seed(0)
     man = mf.load(cfg.data.url)
     stream = DataStream(stream_config(cfg, chunk_schedule(cfg, man)))
+    finish = stream.finisher()
     model = build_model(cfg.model.name, width=cfg.model.width)
     opt = build_optimizer(cfg, list(model.parameters()))
     policy = AmpPolicy.for_device("cpu", "off")
     loss = MultiTaskLoss()
     n, t0, k = 0, None, 0
     while not stream.done:
-        for batch in stream.epoch_batches():
+        for wire in stream.epoch_batches():
+            batch = policy.prepare_batch(wire, finish)
             out = train_step(model, batch, loss, opt, policy, grad_clip=cfg.optim.grad_clip)
             out["loss"].item()  # same per-step sync as the Ray run's log_every=1
             k += 1

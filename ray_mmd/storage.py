@@ -99,7 +99,9 @@ def exists(url: str) -> bool:
     try:
         return fs.exists(path)
     except Exception as e:
-        raise UserError(f"cannot reach {url!r} ({type(e).__name__}: {e}); check the URL and credentials") from e
+        raise UserError(
+            f"cannot reach {url!r} ({type(e).__name__}: {e}); check the URL and credentials"
+        ) from e
 
 
 def require(url: str, what: str) -> None:

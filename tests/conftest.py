@@ -87,6 +87,65 @@ def gcs_emulator():
                 os.environ[k] = v
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny torch ops on a shared 2-core machine: one thread avoids OpenMP barrier stalls under load."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_packed(tmp_path_factory, samples: int, bgs: int, seed: int, test_fraction: float = 0.1) -> str:
+    """A small packed synthetic dataset in a fresh temp dir; returns its root."""
+    from ray_mmd.data.pack import make_synthetic
+
+    root = str(tmp_path_factory.mktemp("packed") / "ds")
+    make_synthetic(root, samples, bgs, seed=seed, test_fraction=test_fraction)
+    return root
+
+
+def copy_to_gcs(local_root: str, emulator: GcsEmulator) -> str:
+    """Upload a local dataset to a fresh bucket on the emulator; returns its gs:// URL."""
+    from ray_mmd import storage
+
+    url = emulator.new_bucket() + "/ds"
+    fs, path = storage.filesystem(url)
+    fs.put(local_root, path, recursive=True)
+    fs.invalidate_cache()
+    return url
+
+
+@pytest.fixture(scope="session")
+def tree_digest():
+    """tree_digest(root) -> {relative path: sha256}: proves a source tree was not modified."""
+    import hashlib
+
+    def digest(root: str) -> dict[str, str]:
+        out = {}
+        for dirpath, _, files in os.walk(root):
+            for f in files:
+                p = os.path.join(dirpath, f)
+                out[os.path.relpath(p, root)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+        return out
+
+    return digest
+
+
+@pytest.fixture(scope="session")
+def packed_factory(tmp_path_factory):
+    """make_packed(samples, bgs, seed): modules build their own small packed dataset with it."""
+    return lambda samples, bgs, seed: make_packed(tmp_path_factory, samples, bgs, seed)
+
+
+@pytest.fixture(scope="session")
+def to_gcs(gcs_emulator):
+    """to_gcs(local_root) -> gs:// URL of a copy on the emulator."""
+    return lambda root: copy_to_gcs(root, gcs_emulator)
+
+
 @pytest.fixture(scope="module")
 def ray_local(gcs_emulator):
     """A real local Ray cluster (2 CPUs) for one test module; workers see the GCS emulator."""

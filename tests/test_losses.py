@@ -11,14 +11,7 @@ from pytorch_msssim import ssim as ms_ssim
 
 from ray_mmd.losses import LOSSES, MultiTaskLoss, build_loss, parse_spec, ssim
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny ops on a shared 2-core machine: avoid OpenMP barrier stalls under contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -9,14 +9,7 @@ import torch
 
 from ray_mmd.metrics import MetricAccumulator
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny ops on a shared 2-core machine: avoid OpenMP barrier stalls under contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _img(rows):

@@ -11,10 +11,20 @@ consumed rows are dropped before decode.
 Why per-worker streams and not `get_dataset_shard`: streaming_split(equal=True) drops rows to even
 the ranks out and has no resumable state in Ray 2.60; here every rank yields the same number of batches
 by construction and the position is three integers.
+
+What a batch is. Rank batches leave the host as uint8 "wire" batches at the JPEG's DCT-scaled decode size
+(decoded straight into a pinned buffer, no per-sample copies); `finisher()` resizes, flips and
+normalises them on the training device, where that costs microseconds (transforms.BatchFinisher).
+
+Backends. "thread" (default) decodes in a thread pool inside the Train worker: libjpeg-turbo releases
+the GIL, so it scales with cores, and batches need no serialisation. "ray" runs the same decode units
+as Ray Data map_batches tasks; on the 2-core dev machine it reached ~0.25-0.3x the thread backend's
+img/s (per-task and object-store overhead: benchmarks/bench_input.py), so it is opt-in.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import pickle
@@ -33,7 +43,16 @@ from ray_mmd import storage
 from ray_mmd.data import manifest as manifest_mod
 from ray_mmd.data.cache import ShardCache
 from ray_mmd.data.manifest import Manifest, ShardInfo
-from ray_mmd.data.transforms import Normalizer, decode_image, decode_samples, flip_decisions, resize_u8
+from ray_mmd.data.transforms import (
+    KEYS,
+    BatchFinisher,
+    alloc_wire,
+    decode_image,
+    decode_into,
+    flip_decisions,
+    resize_u8,
+    wire_shapes,
+)
 from ray_mmd.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -67,11 +86,12 @@ class StreamConfig:
     max_bad_fraction: float = 0.01
     # ---- optional tuning (not part of the order contract except shuffle_window) ----
     shuffle_window: int = 4  # shards whose rows are mixed together (memory ~ this many shard tables)
-    backend: str = "thread"  # "thread": in-process pool (PIL, GIL-free); "ray": Ray Data map_batches
+    backend: str = "thread"  # "thread": decode threads in this process (GIL-free); "ray": Ray Data tasks
     workers: int = 0  # decode threads / Ray Data concurrency; 0 = os.cpu_count()
     unit_samples: int = 64  # samples per decode task
     ray_task_cpus: float = 0.5  # CPUs per Ray Data decode task (Train workers hold the rest)
-    decoder: str = "auto"  # "pil" | "simplejpeg" | "auto" (pil in threads, simplejpeg in Ray tasks)
+    decoder: str = "simplejpeg"  # "simplejpeg" (fastest, decodes into the batch buffer) | "pil"
+    pin_memory: bool = False  # page-locked batch buffers (set when the batches go to a GPU)
 
 
 def _chunks_of(cfg: StreamConfig, man: Manifest) -> list[Chunk]:
@@ -197,13 +217,15 @@ def _decode_unit(
     size: int,
     lib: str,
     cache: ShardCache | None,
+    into: dict[str, np.ndarray],
 ) -> dict[str, object]:
-    """Read the rows of `ids` (only those) from their shards and decode them, in the given order."""
+    """Read the rows of `ids` (only those) from their shards and decode them into `into`, in order.
+
+    Returns ``bg_id`` and a ``reason`` per row ("" = decoded fine).
+    """
     n = len(ids)
-    fg_b: list[bytes] = [b""] * n
-    m_b: list[bytes] = [b""] * n
-    d_b: list[bytes] = [b""] * n
-    bg_id = np.zeros(n, np.int32)
+    blobs: dict[str, list[bytes]] = {k: [b""] * n for k in KEYS}
+    bg_id = np.zeros(n, np.int64)
     missing = np.zeros(n, bool)
     for s in np.unique(sidx):
         where = np.nonzero(sidx == s)[0]
@@ -215,33 +237,30 @@ def _decode_unit(
         missing[where[~found]] = True
         sub = table.take(pa.array(rows[found]))  # consumed/other ranks' rows never reach the decoder
         w = where[found]
-        for col, out in (("fg_bg", fg_b), ("mask", m_b), ("depth", d_b)):
-            for i, v in zip(w, sub.column(col).to_pylist(), strict=True):
+        for k in KEYS:
+            out = blobs[k]
+            for i, v in zip(w, sub.column(k).to_pylist(), strict=True):
                 out[i] = v or b""
         bg_id[w] = sub.column("bg_id").to_numpy()
-    fg, mask, depth, ok, reasons = decode_samples(fg_b, m_b, d_b, size, lib)
+    reasons = [""] * n
+    for k in KEYS:
+        for i, r in enumerate(decode_into(blobs[k], into[k], k != "fg_bg", size, lib)):
+            if r and not reasons[i]:
+                reasons[i] = f"{k}: {r}"
     for i in np.nonzero(missing)[0]:
-        ok[i], reasons[i] = False, "sample id not found in its shard"
-    return {
-        "sample_id": ids,
-        "fg": fg.numpy(),
-        "mask": mask.numpy(),
-        "depth": depth.numpy(),
-        "bg_id": bg_id,
-        "ok": ok,
-        "reason": np.array(reasons, dtype=object),
-    }
+        reasons[i] = "sample id not found in its shard"
+    return {"bg_id": bg_id, "reason": reasons}
 
 
 def _ray_decode_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Ray Data map_batches function: one planned unit in, its decoded rows out."""
+    """Ray Data map_batches function: one planned unit in, its decoded rows (one per sample, wire layout) out."""
     spec = pickle.loads(batch["spec"][0])
     cache = ShardCache(spec["cache_dir"], spec["cache_bytes"]) if spec["cache_dir"] else None
-    out = _decode_unit(
-        spec["root"], spec["shards"], spec["ids"], spec["sidx"], spec["size"], spec["lib"], cache
+    into = {k: v.numpy() for k, v in alloc_wire(len(spec["ids"]), spec["shapes"]).items()}
+    meta = _decode_unit(
+        spec["root"], spec["shards"], spec["ids"], spec["sidx"], spec["size"], spec["lib"], cache, into
     )
-    out["reason"] = out["reason"].astype(str)
-    return out
+    return {**into, "bg_id": meta["bg_id"], "reason": np.array(meta["reason"], dtype=str)}
 
 
 # ---- bg images and decoded preload (process-local; only optimisations, never needed for correctness) --
@@ -251,7 +270,7 @@ _DECODED: dict[tuple, _DecodedChunk] = {}
 
 
 def _bg_table(man: Manifest, size: int, lib: str) -> tuple[torch.Tensor, np.ndarray]:
-    """All bg images decoded once at `size`: (uint8 [max_id+1,3,S,S], bad bool[max_id+1])."""
+    """All bg images decoded once and resized to size: (uint8 [max_id+1,3,S,S], bad bool[max_id+1])."""
     key = (man.root, man.bg.sha256, size)
     if key not in _BG:
         t = pq.read_table(pa.BufferReader(storage.read_bytes(man.url(man.bg.path))))
@@ -270,55 +289,40 @@ def _bg_table(man: Manifest, size: int, lib: str) -> tuple[torch.Tensor, np.ndar
     return _BG[key]
 
 
-class _DecodedChunk:
-    """Decoded uint8 samples of one chunk, filled as they are first decoded (any rank order)."""
+def make_finisher(man: Manifest, size: int, lib: str = "simplejpeg") -> BatchFinisher:
+    """The BatchFinisher for this dataset at this stage size (holds the bg table)."""
+    return BatchFinisher(man.stats, _bg_table(man, size, lib)[0], size)
 
-    def __init__(self, ids: np.ndarray, size: int) -> None:
+
+class _DecodedChunk:
+    """Decoded uint8 samples of one chunk in wire layout, filled as they are first decoded (any rank order)."""
+
+    def __init__(self, ids: np.ndarray, shapes: dict[str, tuple[int, int]]) -> None:
         self.ids = ids
-        n = len(ids)
-        self.fg = torch.empty((n, 3, size, size), dtype=torch.uint8)
-        self.mask = torch.empty((n, size, size), dtype=torch.uint8)
-        self.depth = torch.empty((n, size, size), dtype=torch.uint8)
-        self.bg_id = np.zeros(n, np.int32)
-        self.have = np.zeros(n, bool)
+        self.arr = {k: v.numpy() for k, v in alloc_wire(len(ids), shapes).items()}
+        self.bg_id = np.zeros(len(ids), np.int64)
+        self.have = np.zeros(len(ids), bool)
 
     @staticmethod
     def nbytes(n: int, size: int) -> int:
-        return n * (5 * size * size + 4)
+        return n * (5 * size * size + 8)
 
     def index(self, ids: np.ndarray) -> np.ndarray:
         return np.searchsorted(self.ids, ids)
 
-    def put(self, d: dict) -> None:
-        ok = d["ok"]
-        idx = self.index(d["sample_id"][ok])
-        self.fg[idx] = torch.as_tensor(d["fg"][ok])
-        self.mask[idx] = torch.as_tensor(d["mask"][ok])
-        self.depth[idx] = torch.as_tensor(d["depth"][ok])
-        self.bg_id[idx] = d["bg_id"][ok]
+    def put(self, ids: np.ndarray, rows: dict[str, np.ndarray], bg_id: np.ndarray, ok: np.ndarray) -> None:
+        idx = self.index(ids[ok])
+        for k in KEYS:
+            self.arr[k][idx] = rows[k][ok]
+        self.bg_id[idx] = bg_id[ok]
         self.have[idx] = True
 
-    def get(self, ids: np.ndarray) -> dict:
+    def get_into(self, ids: np.ndarray, view: dict[str, np.ndarray], where: np.ndarray) -> np.ndarray:
+        """Copy the samples `ids` into view rows `where`; returns their bg ids."""
         idx = self.index(ids)
-        return {
-            "sample_id": ids,
-            "fg": self.fg[idx].numpy(),
-            "mask": self.mask[idx].numpy(),
-            "depth": self.depth[idx].numpy(),
-            "bg_id": self.bg_id[idx],
-            "ok": np.ones(len(ids), bool),
-            "reason": np.array([""] * len(ids), dtype=object),
-        }
-
-
-def _merge(parts: list[dict], order_ids: np.ndarray) -> dict:
-    """Concatenate unit parts and put rows back in `order_ids` order."""
-    if len(parts) == 1 and np.array_equal(parts[0]["sample_id"], order_ids):
-        return parts[0]
-    cat = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    pos = {int(s): i for i, s in enumerate(cat["sample_id"])}
-    take = np.array([pos[int(s)] for s in order_ids], dtype=np.int64)
-    return {k: v[take] for k, v in cat.items()}
+        for k in KEYS:
+            view[k][where] = self.arr[k][idx]
+        return self.bg_id[idx]
 
 
 # ---- the stream -----------------------------------------------------------------------------------
@@ -344,12 +348,13 @@ class DataStream:
         self._dropped_total = 0
         self._order_key: tuple | None = None
         self._order: tuple[np.ndarray, np.ndarray] | None = None
-        self._norm = Normalizer(self.man.stats)
         self.cache = ShardCache(cfg.cache_dir, cfg.cache_bytes) if cfg.cache_dir else None
         self._workers = cfg.workers or os.cpu_count() or 2
-        self._lib = (
-            cfg.decoder if cfg.decoder != "auto" else ("simplejpeg" if cfg.backend == "ray" else "pil")
-        )
+        if cfg.decoder not in ("simplejpeg", "pil", "auto"):
+            raise UserError(f"unknown decoder {cfg.decoder!r}: use 'simplejpeg' or 'pil'")
+        self._lib = "simplejpeg" if cfg.decoder == "auto" else cfg.decoder
+        # batch buffer shapes: decode size, or the stage size when decoded preload keeps samples
+        self._shapes = wire_shapes(self.man.sizes, cfg.image_size, cfg.decoded_preload_bytes > 0)
         self._quarantine: list[dict] = []
         self._mu = threading.Lock()
         self._counts = {"samples": 0, "dropped": 0, "quarantined": 0, "decoded": 0, "preload_hits": 0}
@@ -443,6 +448,16 @@ class DataStream:
             out.update({f"cache_{k}": v for k, v in self.cache.counters.items()})
         return out
 
+    def finisher(self) -> BatchFinisher:
+        """Turns this stream's wire batches into model tensors on the batch's device (see transforms)."""
+        return make_finisher(self.man, self.cfg.image_size, self._lib)
+
+    def model_batches(self, device: torch.device | str = "cpu") -> Iterator[dict[str, torch.Tensor]]:
+        """epoch_batches() finished on `device`: x n×6×S×S, mask/depth n×1×S×S, sample_id."""
+        fin = self.finisher().to(device)
+        for b in self.epoch_batches():
+            yield fin({k: v.to(device, non_blocking=True) for k, v in b.items()})
+
     # ---- batches -----------------------------------------------------------------------------
 
     def _prefetcher(self, my_sidx: np.ndarray, n_r: int):
@@ -491,100 +506,149 @@ class DataStream:
             if _DecodedChunk.nbytes(len(ids), c.image_size) > c.decoded_preload_bytes:
                 return None
             _DECODED.clear()  # one chunk at a time
-            _DECODED[key] = _DecodedChunk(ids, c.image_size)
+            _DECODED[key] = _DecodedChunk(ids, self._shapes)
         return _DECODED[key]
 
-    def _decode_fn(self, pre: _DecodedChunk | None, shards: dict[int, ShardInfo]):
-        """unit -> decoded dict, from the decoded preload where possible, else decoded now."""
-        size, root = self.cfg.image_size, self.man.root
+    def _need(self, pre: _DecodedChunk | None, u: _Unit) -> np.ndarray:
+        """Rows of unit u that must be decoded (not in the decoded preload)."""
+        return ~pre.have[pre.index(u.ids)] if pre is not None else np.ones(len(u.ids), bool)
 
-        def work(u: _Unit) -> dict:
-            need = ~pre.have[pre.index(u.ids)] if pre is not None else np.ones(len(u.ids), bool)
-            parts = []
-            if need.any():
-                d = _decode_unit(root, shards, u.ids[need], u.sidx[need], size, self._lib, self.cache)
-                self._add("decoded", len(d["sample_id"]))
-                if pre is not None:
-                    pre.put(d)
-                parts.append(d)
-            if (~need).any():
-                parts.append(pre.get(u.ids[~need]))
-                self._add("preload_hits", int((~need).sum()))
-            return _merge(parts, u.ids)
+    def _fill_unit(
+        self,
+        u: _Unit,
+        view: dict[str, np.ndarray],
+        pre: _DecodedChunk | None,
+        shards: dict[int, ShardInfo],
+        need: np.ndarray,
+        decoded: dict | None = None,
+    ) -> tuple[np.ndarray, list[str]]:
+        """Fill `view` (unit u's rows of its batch buffer): preload hits are copied, the other rows
+        decoded here (or taken from `decoded`, a Ray task's output for exactly those rows).
 
-        return work
+        Returns (bg_id, reason per row).
+        """
+        n = len(u.ids)
+        bg_id, reasons = np.zeros(n, np.int64), [""] * n
+        if need.any():
+            if decoded is None:
+                into = (
+                    view
+                    if need.all()
+                    else {k: v.numpy() for k, v in alloc_wire(int(need.sum()), self._shapes).items()}
+                )
+                decoded = {
+                    **_decode_unit(
+                        self.man.root,
+                        shards,
+                        u.ids[need],
+                        u.sidx[need],
+                        self.cfg.image_size,
+                        self._lib,
+                        self.cache,
+                        into,
+                    ),
+                    **into,
+                }
+            for k in KEYS:
+                if decoded[k] is not view[k]:
+                    view[k][need] = decoded[k]
+            bg_id[need] = decoded["bg_id"]
+            rows = np.nonzero(need)[0]
+            for i, r in zip(rows, decoded["reason"], strict=True):
+                reasons[i] = str(r)
+            self._add("decoded", len(rows))
+            if pre is not None:
+                ok = np.array([not r for r in decoded["reason"]], dtype=bool)
+                pre.put(u.ids[need], {k: view[k][need] for k in KEYS}, bg_id[need], ok)
+        if not need.all():
+            bg_id[~need] = pre.get_into(u.ids[~need], view, ~need)
+            self._add("preload_hits", int((~need).sum()))
+        return bg_id, reasons
 
     def _add(self, k: str, n: int) -> None:
         with self._mu:
             self._counts[k] += n
 
-    def _assemble(self, parts: list, flips: np.ndarray) -> tuple[dict[str, torch.Tensor], list[dict]]:
-        """Decoded units of one rank batch -> model tensors (runs in a pool thread; torch frees the GIL)."""
-        parts = [p.result() if isinstance(p, Future) else p for p in parts]
-        d = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if len(parts) > 1 else parts[0]
-        bg, bg_bad = _bg_table(self.man, self.cfg.image_size, self._lib)
-        ok = d["ok"] & ~bg_bad[np.clip(d["bg_id"], 0, len(bg_bad) - 1)]
+    def _assemble(
+        self, filled: list, buf: dict[str, torch.Tensor], ids: np.ndarray, flips: np.ndarray
+    ) -> tuple[dict[str, torch.Tensor], list[dict]]:
+        """One rank batch's filled buffer -> wire batch; samples that failed to decode are taken out."""
+        filled = [f.result() if isinstance(f, Future) else f for f in filled]
+        bg_id = np.concatenate([f[0] for f in filled])
+        reasons = [r for f in filled for r in f[1]]
+        _, bg_bad = _bg_table(self.man, self.cfg.image_size, self._lib)
+        known = bg_id < len(bg_bad)
+        ok = np.array([not r for r in reasons], dtype=bool) & known & ~bg_bad[np.where(known, bg_id, 0)]
         bad = [
-            {"sample_id": int(d["sample_id"][i]), "reason": str(d["reason"][i]) or "bg image does not decode"}
+            {"sample_id": int(ids[i]), "reason": reasons[i] or "bg image does not decode"}
             for i in np.nonzero(~ok)[0]
         ]
-        keep = np.nonzero(ok)[0]
-        # flipped samples first within the batch (a fixed, seeded order): flips become slice copies
-        fl = flips[keep]
-        keep = np.concatenate([keep[fl], keep[~fl]])
-        fg, mask, depth = (torch.from_numpy(d[k]) for k in ("fg", "mask", "depth"))
-        if len(keep) < len(ok) or not np.array_equal(keep, np.arange(len(ok))):
-            t = torch.from_numpy(keep)
-            fg, mask, depth = fg.index_select(0, t), mask.index_select(0, t), depth.index_select(0, t)
-        out = self._norm(
-            fg,
-            bg.index_select(0, torch.from_numpy(d["bg_id"][keep].astype(np.int64))),
-            mask,
-            depth,
-            flips[keep],
-        )
-        out["sample_id"] = torch.from_numpy(d["sample_id"][keep].astype(np.int64))
+        out = {
+            **buf,
+            "bg_id": torch.from_numpy(bg_id),
+            "flip": torch.from_numpy(np.ascontiguousarray(flips, dtype=bool)),
+            "sample_id": torch.from_numpy(ids.astype(np.int64)),
+        }
+        if not ok.all():
+            keep = torch.from_numpy(np.nonzero(ok)[0])
+            out = {k: v.index_select(0, keep) for k, v in out.items()}
         return out, bad
 
     def _batches(
         self, plan: Sequence[list[_Unit]], flips: list[np.ndarray], pre: _DecodedChunk | None
     ) -> Iterator[tuple[dict[str, torch.Tensor], list[dict]]]:
-        """(tensors, quarantined) per planned batch, in order; decode and assembly run ahead in pools."""
+        """(wire batch, quarantined) per planned batch, in order; units decode ahead, straight into
+        each batch's (optionally pinned) buffer."""
         shards = dict(enumerate(self.man.shards))
-        work = self._decode_fn(pre, shards)
         dec = ThreadPoolExecutor(self._workers, thread_name_prefix="decode")
-        asm = ThreadPoolExecutor(1, thread_name_prefix="assemble")
         per_batch = max(1, sum(len(u.ids) for u in plan[0])) if plan else 1
         ahead = max(2, -(-2 * self._workers * self.cfg.unit_samples // per_batch) + 1)
-        pending: deque[Future] = deque()
+        pending: deque[tuple] = deque()
         src = self._ray_parts(plan, pre, shards) if self.cfg.backend == "ray" else None
         try:
             for b in range(len(plan)):
                 while len(pending) < ahead and b + len(pending) < len(plan):
                     k = b + len(pending)
-                    parts = next(src) if src is not None else [dec.submit(work, u) for u in plan[k]]
-                    pending.append(asm.submit(self._assemble, parts, flips[k]))
-                yield pending.popleft().result()
+                    units = plan[k]
+                    buf = alloc_wire(sum(len(u.ids) for u in units), self._shapes, pin=self.cfg.pin_memory)
+                    arrs = {key: v.numpy() for key, v in buf.items()}
+                    cuts = np.cumsum([0] + [len(u.ids) for u in units])
+                    views = [
+                        {key: a[lo:hi] for key, a in arrs.items()} for lo, hi in itertools.pairwise(cuts)
+                    ]
+                    if src is not None:
+                        filled = [
+                            self._fill_unit(u, v, pre, shards, need, d)
+                            for u, v, (need, d) in zip(units, views, next(src), strict=True)
+                        ]
+                    else:
+                        filled = [
+                            dec.submit(self._fill_unit, u, v, pre, shards, self._need(pre, u))
+                            for u, v in zip(units, views, strict=True)
+                        ]
+                    ids = np.concatenate([u.ids for u in units])
+                    pending.append((filled, buf, ids, flips[k]))
+                yield self._assemble(*pending.popleft())
         finally:
-            for f in pending:
-                f.cancel()
+            for filled, *_ in pending:
+                for f in filled:
+                    if isinstance(f, Future):
+                        f.cancel()
             if src is not None:
                 src.close()
             # queued units are dropped; running ones (< one unit per thread) finish, so no thread
             # touches storage after the generator is closed
             dec.shutdown(wait=True, cancel_futures=True)
-            asm.shutdown(wait=True, cancel_futures=True)
 
-    def _ray_parts(self, plan: Sequence[list[_Unit]], pre, shards) -> Iterator[list[dict]]:
-        """Ray Data backend: decode the planned units in map_batches tasks, in order; parts per batch."""
+    def _ray_parts(self, plan: Sequence[list[_Unit]], pre, shards) -> Iterator[list[tuple]]:
+        """Ray Data backend: decode the planned units in map_batches tasks, in order.
+
+        Yields per batch, per unit, (rows to decode, their decoded output or None)."""
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         c = self.cfg
-        needs = [
-            [~pre.have[pre.index(u.ids)] if pre is not None else np.ones(len(u.ids), bool) for u in us]
-            for us in plan
-        ]
+        needs = [[self._need(pre, u) for u in us] for us in plan]
         items = []
         for us, ns in zip(plan, needs, strict=True):
             for u, need in zip(us, ns, strict=True):
@@ -595,6 +659,7 @@ class DataStream:
                         "ids": u.ids[need],
                         "sidx": u.sidx[need],
                         "size": c.image_size,
+                        "shapes": self._shapes,
                         "lib": self._lib,
                         "cache_dir": c.cache_dir,
                         "cache_bytes": c.cache_bytes,
@@ -614,22 +679,8 @@ class DataStream:
                 ),
             )
             decoded = iter(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2))
-        for us, ns in zip(plan, needs, strict=True):
-            out = []
-            for u, need in zip(us, ns, strict=True):
-                parts = []
-                if need.any():
-                    d = {k: v if v.flags.writeable else v.copy() for k, v in next(decoded).items()}
-                    d["reason"] = d["reason"].astype(object)
-                    self._add("decoded", len(d["sample_id"]))
-                    if pre is not None:
-                        pre.put(d)
-                    parts.append(d)
-                if (~need).any():
-                    parts.append(pre.get(u.ids[~need]))
-                    self._add("preload_hits", int((~need).sum()))
-                out.append(_merge(parts, u.ids))
-            yield out
+        for ns in needs:
+            yield [(need, next(decoded) if need.any() else None) for need in ns]
 
     def _record_bad(self, bad: list[dict], ci: int, n_epoch: int) -> None:
         if not bad:
@@ -645,12 +696,17 @@ class DataStream:
             )
 
     def _plan(self, ids: np.ndarray, sidx: np.ndarray, nb: int, n_r: int) -> _Plan:
-        """Split each rank batch into ~unit_samples decode units (bigger units for Ray tasks)."""
-        us = max(1, self.cfg.unit_samples * (4 if self.cfg.backend == "ray" else 1))
+        """Split each rank batch into decode units of at most unit_samples (bigger for Ray tasks), and
+        into at least one unit per decode thread, so the first batch (and the last) use every thread."""
+        if self.cfg.backend == "ray":  # a Ray task costs ms: fewer, bigger units
+            return _Plan(ids, sidx, nb, n_r, max(1, 4 * self.cfg.unit_samples))
+        us = max(1, min(self.cfg.unit_samples, -(-n_r // self._workers)))
         return _Plan(ids, sidx, nb, n_r, us)
 
     def epoch_batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        """This rank's slice of each remaining global batch of the current (chunk, epoch), in order.
+        """This rank's slice of each remaining global batch of the current (chunk, epoch), in order,
+        as wire batches (uint8 at decode size + bg_id + flip + sample_id; `finisher()` makes model
+        tensors of them on the training device).
 
         Yielding batch k marks it consumed. When exhausted the position moves to the next
         (chunk, epoch); a final remainder smaller than a global batch is dropped and counted.

@@ -28,22 +28,13 @@ import numpy as np
 import simplejpeg
 
 from ray_mmd import storage
+from ray_mmd.data.layout import COLUMNS  # the original index CSV's columns: one definition
 from ray_mmd.errors import UserError
 
 log = logging.getLogger(__name__)
 
 CSV_NAME = "index.csv"
 BG_ZIP = "bg.zip"
-COLUMNS = [
-    "ImageName",
-    "MaskName",
-    "Depthname",
-    "BGImageName",
-    "BaseImageFName",
-    "DepthImageFName",
-    "BGType",
-    "BGImageFName",
-]
 IMG = 250  # fg_bg, bg, mask: IMG x IMG
 DEPTH_W, DEPTH_H = 320, 240
 SIZES = {"fg_bg": [IMG, IMG], "bg": [IMG, IMG], "mask": [IMG, IMG], "depth": [DEPTH_W, DEPTH_H]}

@@ -74,7 +74,7 @@ class RunLog:
 @torch.no_grad()
 def evaluate(run: Any, index: int) -> dict[str, float]:
     """Metrics of the current model on the test split (synced across ranks); rank 0 writes a PNG grid."""
-    from ray_mmd.data.stream import eval_batches
+    from ray_mmd.data.stream import eval_batches, make_finisher
     from ray_mmd.metrics import MetricAccumulator
     from ray_mmd.models import split_heads
     from ray_mmd.viz import prediction_grid
@@ -89,11 +89,12 @@ def evaluate(run: Any, index: int) -> dict[str, float]:
     from ray_mmd.train.loop import stream_config
 
     scfg = stream_config(cfg, [])
-    for batch in eval_batches(
+    finish = make_finisher(run.man, scfg.image_size).to(run.device)
+    for wire in eval_batches(
         scfg, run.rank, run.world, cfg.eval.batch_size, max_samples=cfg.eval.max_samples
     ):
-        x = batch["x"].to(run.device, non_blocking=True)
-        mask, depth = batch["mask"].to(run.device), batch["depth"].to(run.device)
+        batch = run.policy.prepare_batch(wire, finish)
+        x, mask, depth = batch["x"], batch["mask"], batch["depth"]
         with run.policy.autocast():
             y = model(x)
         mask_logits, depth_pred = split_heads(y.float())

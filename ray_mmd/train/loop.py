@@ -82,7 +82,7 @@ def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch
     return make_optimizer(params, o.name, lr=o.lr, weight_decay=o.weight_decay, **kw)
 
 
-def stream_config(cfg: TrainConfig, chunks: list[tuple[int, int, int]]):
+def stream_config(cfg: TrainConfig, chunks: list[tuple[int, int, int]], pin_memory: bool = False):
     from ray_mmd.data.stream import Chunk, StreamConfig
 
     d = cfg.data
@@ -99,6 +99,7 @@ def stream_config(cfg: TrainConfig, chunks: list[tuple[int, int, int]]):
         cache_bytes=d.cache_bytes,
         decoded_preload_bytes=d.decoded_preload_bytes,
         max_bad_fraction=d.max_bad_fraction,
+        pin_memory=pin_memory,
     )
 
 
@@ -148,7 +149,12 @@ class _Run:
         self.man = mf.load(cfg.data.url)
         chunks = chunk_schedule(cfg, self.man)
         self.total_steps = total_steps(cfg, self.man)
-        self.stream = DataStream(stream_config(cfg, chunks), rank=self.rank, world_size=self.world)
+        self.stream = DataStream(
+            stream_config(cfg, chunks, pin_memory=self.device.type == "cuda"),
+            rank=self.rank,
+            world_size=self.world,
+        )
+        self.finish = self.stream.finisher().to(self.device)  # resize/flip/normalise on the device
 
         self.model = build_model(cfg.model.name, width=cfg.model.width)
         self.progress = st.Progress(stage=cfg.stage)
@@ -322,19 +328,19 @@ class _Run:
         with profile(prof_dir, enabled=cfg.run.profile and self.rank == 0, torch_steps=5) as prof:
             while not self.stream.done:
                 self.ddp.train()
-                for batch in self.stream.epoch_batches():
+                for wire in self.stream.epoch_batches():
                     step = p.global_step
-                    n_local = batch["x"].shape[0]
+                    ids = wire["sample_id"]  # stays on the host: the id ledger needs no device sync
+                    n_local = len(ids)
+                    batch = self.policy.prepare_batch(wire, self.finish)
                     if cfg.debug.nan_at_steps and step in cfg.debug.nan_at_steps:
                         # a NaN target makes the loss non-finite without touching BatchNorm statistics
                         batch = {**batch, "depth": torch.full_like(batch["depth"], float("nan"))}
                     if cfg.debug.record_ids:
-                        self.ledger.record(
-                            step, self.world, _gather_ids(batch["sample_id"].tolist(), self.world)
-                        )
+                        self.ledger.record(step, self.world, _gather_ids(ids.tolist(), self.world))
                     out = train_step(
                         self.ddp,
-                        self.policy.prepare_batch(batch),
+                        batch,
                         self._loss_for(n_local),
                         self.optimizer,
                         self.policy,
@@ -346,7 +352,7 @@ class _Run:
                     p.samples_seen += g
                     window.append(out)
                     prof.step()
-                    ids_ring.append((step, batch["sample_id"]))
+                    ids_ring.append((step, ids))
                     t_window[1] += n_local * self.world
                     if cfg.debug.step_sleep_s:
                         time.sleep(cfg.debug.step_sleep_s)

@@ -88,14 +88,15 @@ class AmpPolicy:
             model.to(memory_format=torch.channels_last)
         return model
 
-    def prepare_batch(self, batch: Batch) -> dict[str, Tensor]:
-        out = {}
-        for k, v in batch.items():
-            if torch.is_tensor(v):
-                v = v.to(self.device, non_blocking=True)
-                if k == "x" and self.channels_last and v.dim() == 4:
-                    v = v.contiguous(memory_format=torch.channels_last)
-            out[k] = v
+    def prepare_batch(self, batch: Batch, finish: Callable[[dict], dict] | None = None) -> dict[str, Tensor]:
+        """Move a batch to the device; `finish` (the stream's BatchFinisher) then turns a uint8 wire
+        batch into model tensors there, so resize/flip/normalise run on the device."""
+        out = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        if finish is not None:
+            out = finish(out)
+        x = out.get("x")
+        if self.channels_last and x is not None and x.dim() == 4:
+            out["x"] = x.contiguous(memory_format=torch.channels_last)
         return out
 
     def state_dict(self) -> dict:

@@ -10,7 +10,6 @@ import time
 
 import pytest
 
-from ray_mmd import storage
 from ray_mmd.data import manifest as mf
 from ray_mmd.data import stream as stream_mod
 from ray_mmd.data.cache import ShardCache
@@ -19,21 +18,13 @@ from ray_mmd.errors import UserError
 
 
 @pytest.fixture(scope="module")
-def packed(tmp_path_factory) -> str:
-    from ray_mmd.data.pack import make_synthetic
-
-    root = str(tmp_path_factory.mktemp("packed") / "ds")
-    make_synthetic(root, 160, 20, seed=3, test_fraction=0.1)
-    return root
+def packed(packed_factory) -> str:
+    return packed_factory(160, 20, seed=3)
 
 
 @pytest.fixture(scope="module")
-def packed_gs(packed, gcs_emulator) -> str:
-    url = gcs_emulator.new_bucket() + "/ds"
-    fs, path = storage.filesystem(url)
-    fs.put(packed, path, recursive=True)
-    fs.invalidate_cache()
-    return url
+def packed_gs(packed, to_gcs) -> str:
+    return to_gcs(packed)
 
 
 def _disk_bytes(d: str) -> int:

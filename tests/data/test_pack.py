@@ -41,15 +41,6 @@ def read_bgs(man: mf.Manifest) -> list[dict]:
     return t.to_pylist()
 
 
-def tree_digest(root) -> dict[str, str]:
-    out = {}
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            p = os.path.join(dirpath, f)
-            out[os.path.relpath(p, root)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
-    return out
-
-
 def test_round_trip_every_byte(packed_dataset, synth_source):
     man = mf.load(packed_dataset)
     lay = Layout(synth_source)
@@ -276,7 +267,7 @@ def bad_source(synth_source, tmp_path_factory):
     return str(root), expect
 
 
-def test_every_bad_input_is_quarantined_not_packed(bad_source, tmp_path, monkeypatch):
+def test_every_bad_input_is_quarantined_not_packed(bad_source, tmp_path, monkeypatch, tree_digest):
     src, expect = bad_source
     before = tree_digest(src)
     (tmp_path / "a" / "b").mkdir(parents=True)
@@ -299,7 +290,7 @@ def test_every_bad_input_is_quarantined_not_packed(bad_source, tmp_path, monkeyp
     assert tree_digest(src) == before  # the source was never modified
 
 
-def test_past_the_bad_fraction_pack_aborts_with_one_line_and_no_manifest(bad_source, tmp_path):
+def test_past_the_bad_fraction_pack_aborts_with_one_line_and_no_manifest(bad_source, tmp_path, tree_digest):
     src, expect = bad_source
     before = tree_digest(src)
     with pytest.raises(UserError, match=r"more than 1\.00% of 200 samples are bad") as e:

@@ -18,14 +18,7 @@ from ray_mmd.models import (
 )
 from ray_mmd.train.step import make_optimizer, train_step
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny ops on a shared 2-core machine: avoid OpenMP barrier stalls under contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_exact_parameter_counts_at_full_width():

@@ -15,13 +15,7 @@ from ray_mmd.train.step import AmpPolicy, make_optimizer, train_step
 SYNC_METHODS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__", "cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny ops on a shared 2-core machine: avoid OpenMP barrier stalls under contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(n=4, size=32, seed=0):
