@@ -28,6 +28,7 @@ import itertools
 import logging
 import os
 import pickle
+import sys
 import threading
 from collections import OrderedDict, deque
 from collections.abc import Iterator, Sequence
@@ -43,6 +44,7 @@ from ray_mmd import storage
 from ray_mmd.data import manifest as manifest_mod
 from ray_mmd.data.cache import ShardCache
 from ray_mmd.data.manifest import Manifest, ShardInfo
+from ray_mmd.data.preload import LocalDecoded, SharedDecoded, nbytes
 from ray_mmd.data.transforms import (
     KEYS,
     BatchFinisher,
@@ -92,6 +94,8 @@ class StreamConfig:
     ray_task_cpus: float = 0.5  # CPUs per Ray Data decode task (Train workers hold the rest)
     decoder: str = "simplejpeg"  # "simplejpeg" (fastest, decodes into the batch buffer) | "pil"
     pin_memory: bool = False  # page-locked batch buffers (set when the batches go to a GPU)
+    preload_shared: bool | None = None  # decoded preload in the object store for all ranks; None = auto
+    preload_group: str = ""  # runs with the same group share a decoded preload (the trainer: run name)
 
 
 def _chunks_of(cfg: StreamConfig, man: Manifest) -> list[Chunk]:
@@ -266,7 +270,7 @@ def _ray_decode_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 # ---- bg images and decoded preload (process-local; only optimisations, never needed for correctness) --
 
 _BG: dict[tuple, tuple[torch.Tensor, np.ndarray]] = {}
-_DECODED: dict[tuple, _DecodedChunk] = {}
+_DECODED: dict[tuple, LocalDecoded | SharedDecoded] = {}  # one chunk at a time
 
 
 def _bg_table(man: Manifest, size: int, lib: str) -> tuple[torch.Tensor, np.ndarray]:
@@ -292,37 +296,6 @@ def _bg_table(man: Manifest, size: int, lib: str) -> tuple[torch.Tensor, np.ndar
 def make_finisher(man: Manifest, size: int, lib: str = "simplejpeg") -> BatchFinisher:
     """The BatchFinisher for this dataset at this stage size (holds the bg table)."""
     return BatchFinisher(man.stats, _bg_table(man, size, lib)[0], size)
-
-
-class _DecodedChunk:
-    """Decoded uint8 samples of one chunk in wire layout, filled as they are first decoded (any rank order)."""
-
-    def __init__(self, ids: np.ndarray, shapes: dict[str, tuple[int, int]]) -> None:
-        self.ids = ids
-        self.arr = {k: v.numpy() for k, v in alloc_wire(len(ids), shapes).items()}
-        self.bg_id = np.zeros(len(ids), np.int64)
-        self.have = np.zeros(len(ids), bool)
-
-    @staticmethod
-    def nbytes(n: int, size: int) -> int:
-        return n * (5 * size * size + 8)
-
-    def index(self, ids: np.ndarray) -> np.ndarray:
-        return np.searchsorted(self.ids, ids)
-
-    def put(self, ids: np.ndarray, rows: dict[str, np.ndarray], bg_id: np.ndarray, ok: np.ndarray) -> None:
-        idx = self.index(ids[ok])
-        for k in KEYS:
-            self.arr[k][idx] = rows[k][ok]
-        self.bg_id[idx] = bg_id[ok]
-        self.have[idx] = True
-
-    def get_into(self, ids: np.ndarray, view: dict[str, np.ndarray], where: np.ndarray) -> np.ndarray:
-        """Copy the samples `ids` into view rows `where`; returns their bg ids."""
-        idx = self.index(ids)
-        for k in KEYS:
-            view[k][where] = self.arr[k][idx]
-        return self.bg_id[idx]
 
 
 # ---- the stream -----------------------------------------------------------------------------------
@@ -495,74 +468,90 @@ class DataStream:
 
         return pump
 
-    def _preload(self) -> _DecodedChunk | None:
+    def _shared_preload(self) -> bool:
+        """Share decoded samples between ranks through the object store (auto: under Ray, with W > 1)."""
+        if self.cfg.preload_shared is not None:
+            return self.cfg.preload_shared
+        ray = sys.modules.get("ray")
+        return self.world_size > 1 and ray is not None and ray.is_initialized()
+
+    def _preload(self) -> LocalDecoded | SharedDecoded | None:
         c = self.cfg
         if c.decoded_preload_bytes <= 0:
             return None
         chunk = self.chunks[self._pos[0]]
-        key = (self.man.root, c.split, chunk.lo, chunk.hi, c.image_size)
+        key = (self.man.root, c.split, chunk.lo, chunk.hi, c.image_size, c.preload_group)
         if key not in _DECODED:
             ids = self.man.sample_ids(c.split, chunk.lo, chunk.hi)
-            if _DecodedChunk.nbytes(len(ids), c.image_size) > c.decoded_preload_bytes:
+            if nbytes(len(ids), c.image_size) > c.decoded_preload_bytes:
                 return None
-            _DECODED.clear()  # one chunk at a time
-            _DECODED[key] = _DecodedChunk(ids, self._shapes)
+            for old in _DECODED.values():
+                if isinstance(old, SharedDecoded):
+                    old.close()
+            _DECODED.clear()
+            _DECODED[key] = (
+                SharedDecoded(key, ids) if self._shared_preload() else LocalDecoded(ids, self._shapes)
+            )
         return _DECODED[key]
-
-    def _need(self, pre: _DecodedChunk | None, u: _Unit) -> np.ndarray:
-        """Rows of unit u that must be decoded (not in the decoded preload)."""
-        return ~pre.have[pre.index(u.ids)] if pre is not None else np.ones(len(u.ids), bool)
 
     def _fill_unit(
         self,
         u: _Unit,
         view: dict[str, np.ndarray],
-        pre: _DecodedChunk | None,
+        pre: LocalDecoded | SharedDecoded | None,
         shards: dict[int, ShardInfo],
-        need: np.ndarray,
         decoded: dict | None = None,
+        decoded_rows: np.ndarray | None = None,
     ) -> tuple[np.ndarray, list[str]]:
-        """Fill `view` (unit u's rows of its batch buffer): preload hits are copied, the other rows
-        decoded here (or taken from `decoded`, a Ray task's output for exactly those rows).
+        """Fill `view` (unit u's rows of its batch buffer): rows a Ray task decoded (`decoded`,
+        `decoded_rows`), then rows the decoded preload holds, then decode whatever is left here.
 
         Returns (bg_id, reason per row).
         """
         n = len(u.ids)
         bg_id, reasons = np.zeros(n, np.int64), [""] * n
-        if need.any():
-            if decoded is None:
-                into = (
-                    view
-                    if need.all()
-                    else {k: v.numpy() for k, v in alloc_wire(int(need.sum()), self._shapes).items()}
-                )
-                decoded = {
-                    **_decode_unit(
-                        self.man.root,
-                        shards,
-                        u.ids[need],
-                        u.sidx[need],
-                        self.cfg.image_size,
-                        self._lib,
-                        self.cache,
-                        into,
-                    ),
-                    **into,
-                }
-            for k in KEYS:
-                if decoded[k] is not view[k]:
-                    view[k][need] = decoded[k]
-            bg_id[need] = decoded["bg_id"]
-            rows = np.nonzero(need)[0]
-            for i, r in zip(rows, decoded["reason"], strict=True):
+        have, fresh = np.zeros(n, bool), np.zeros(n, bool)
+
+        def take(where: np.ndarray, d: dict) -> None:
+            bg_id[where] = d["bg_id"]
+            for i, r in zip(where, d["reason"], strict=True):
                 reasons[i] = str(r)
-            self._add("decoded", len(rows))
-            if pre is not None:
-                ok = np.array([not r for r in decoded["reason"]], dtype=bool)
-                pre.put(u.ids[need], {k: view[k][need] for k in KEYS}, bg_id[need], ok)
-        if not need.all():
-            bg_id[~need] = pre.get_into(u.ids[~need], view, ~need)
-            self._add("preload_hits", int((~need).sum()))
+            have[where] = fresh[where] = True
+            self._add("decoded", len(where))
+
+        if decoded is not None:
+            where = np.nonzero(decoded_rows)[0]
+            for k in KEYS:
+                view[k][where] = decoded[k]
+            take(where, decoded)
+        if pre is not None and not have.all():
+            where = np.nonzero(~have)[0]
+            got, bg = pre.fill(u.ids[where], view, where)
+            have[where[got]] = True
+            bg_id[where[got]] = bg[got]
+            self._add("preload_hits", int(got.sum()))
+        if not have.all():
+            where = np.nonzero(~have)[0]
+            whole = len(where) == n
+            into = view if whole else {k: v.numpy() for k, v in alloc_wire(len(where), self._shapes).items()}
+            meta = _decode_unit(
+                self.man.root,
+                shards,
+                u.ids[where],
+                u.sidx[where],
+                self.cfg.image_size,
+                self._lib,
+                self.cache,
+                into,
+            )
+            if not whole:
+                for k in KEYS:
+                    view[k][where] = into[k]
+            take(where, meta)
+        if pre is not None and fresh.any():
+            ok = fresh & np.array([not r for r in reasons], dtype=bool)
+            if ok.any():
+                pre.put(u.ids[ok], {k: view[k][ok] for k in KEYS}, bg_id[ok])
         return bg_id, reasons
 
     def _add(self, k: str, n: int) -> None:
@@ -595,7 +584,7 @@ class DataStream:
         return out, bad
 
     def _batches(
-        self, plan: Sequence[list[_Unit]], flips: list[np.ndarray], pre: _DecodedChunk | None
+        self, plan: Sequence[list[_Unit]], flips: list[np.ndarray], pre: LocalDecoded | SharedDecoded | None
     ) -> Iterator[tuple[dict[str, torch.Tensor], list[dict]]]:
         """(wire batch, quarantined) per planned batch, in order; units decode ahead, straight into
         each batch's (optionally pinned) buffer."""
@@ -618,12 +607,12 @@ class DataStream:
                     ]
                     if src is not None:
                         filled = [
-                            self._fill_unit(u, v, pre, shards, need, d)
+                            self._fill_unit(u, v, pre, shards, d, need)
                             for u, v, (need, d) in zip(units, views, next(src), strict=True)
                         ]
                     else:
                         filled = [
-                            dec.submit(self._fill_unit, u, v, pre, shards, self._need(pre, u))
+                            dec.submit(self._fill_unit, u, v, pre, shards)
                             for u, v in zip(units, views, strict=True)
                         ]
                     ids = np.concatenate([u.ids for u in units])
@@ -645,10 +634,19 @@ class DataStream:
 
         Yields per batch, per unit, (rows to decode, their decoded output or None)."""
         import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         c = self.cfg
-        needs = [[self._need(pre, u) for u in us] for us in plan]
+        have = (
+            pre.has(np.concatenate([u.ids for us in plan for u in us]))
+            if pre is not None and len(plan)
+            else None
+        )
+        needs, o = [], 0
+        for us in plan:
+            needs.append([])
+            for u in us:
+                needs[-1].append(~have[o : o + len(u.ids)] if have is not None else np.ones(len(u.ids), bool))
+                o += len(u.ids)
         items = []
         for us, ns in zip(plan, needs, strict=True):
             for u, need in zip(us, ns, strict=True):
@@ -669,14 +667,15 @@ class DataStream:
         if items:
             ctx = ray.data.DataContext.get_current()
             ctx.execution_options.preserve_order = True  # batches must come back in plan order
+            node = ray.get_runtime_context().get_node_id()
             ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
                 _ray_decode_batch,
                 batch_size=1,
                 num_cpus=c.ray_task_cpus,
                 compute=ray.data.TaskPoolStrategy(size=self._workers),
-                scheduling_strategy=NodeAffinitySchedulingStrategy(
-                    ray.get_runtime_context().get_node_id(), soft=True
-                ),
+                # decode on this worker's node, where the batches are consumed; anywhere if it is full
+                label_selector={"ray.io/node-id": node},
+                fallback_strategy=[{"label_selector": {}}],
             )
             decoded = iter(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2))
         for ns in needs:
@@ -729,7 +728,10 @@ class DataStream:
         pump = self._prefetcher(my_sidx, n_r)
         pump(0)
         plan = self._plan(my_ids, my_sidx, nb, n_r)
-        src = self._batches(plan, [flips[b * n_r : (b + 1) * n_r] for b in range(nb)], self._preload())
+        pre = self._preload()
+        if pre is not None:
+            pre.begin_epoch(expect_hits=ep > 0)
+        src = self._batches(plan, [flips[b * n_r : (b + 1) * n_r] for b in range(nb)], pre)
         try:
             for b, (batch, bad) in enumerate(src):
                 pump(b + 1)

@@ -98,6 +98,7 @@ def stream_config(cfg: TrainConfig, chunks: list[tuple[int, int, int]], pin_memo
         cache_dir=d.cache_dir,
         cache_bytes=d.cache_bytes,
         decoded_preload_bytes=d.decoded_preload_bytes,
+        preload_group=f"{cfg.run.name}/stage{cfg.stage}",
         max_bad_fraction=d.max_bad_fraction,
         pin_memory=pin_memory,
     )

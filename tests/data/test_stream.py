@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import shutil
+import sys
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -203,3 +204,47 @@ def test_ray_backend_and_decoded_preload(packed, ray_local):
         fa, fb = fin_ref(a), fin_rb(b)
         for k in ("x", "mask", "depth"):
             assert np.allclose(fa[k].numpy(), fb[k].numpy(), atol=1e-5), k
+
+
+class _RemoteRank:
+    """One rank's stream in its own Ray worker process (a second process, as a Train worker is)."""
+
+    def __init__(self, cfg: StreamConfig, rank: int, world: int) -> None:
+        self.s = DataStream(cfg, rank, world)
+
+    def epoch(self) -> tuple[list[int], dict]:
+        ids = [int(i) for b in self.s.epoch_batches() for i in b["sample_id"]]
+        return ids, self.s.stats()
+
+
+def test_shared_decoded_preload_serves_ranks_in_other_processes(packed, ray_local):
+    ray = ray_local
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import test modules
+    cfg = _cfg(packed, chunks=[Chunk(0, 240, 3)], decoded_preload_bytes=64 << 20, preload_group="t-shared")
+    stream_mod.clear_process_caches()
+    r0 = DataStream(cfg, 0, 2)
+    r1 = ray.remote(num_cpus=0)(_RemoteRank).remote(cfg, 1, 2)
+    ref0 = DataStream(dataclasses.replace(cfg, decoded_preload_bytes=0), 0, 2)  # same rank, no preload
+    fin, fin_ref = r0.finisher(), ref0.finisher()
+    seen: list[tuple[set, set, dict, dict]] = []
+    for epoch in range(3):
+        if epoch == 2:  # the store is lost (as when the rank that owns it dies): decode again, no error
+            stream_mod._DECODED[next(iter(stream_mod._DECODED))].close()
+        s0 = r0.stats()
+        b0 = list(r0.epoch_batches())
+        ref_b = list(ref0.epoch_batches())
+        for a, b in zip(b0, ref_b, strict=True):  # served or decoded, the model sees the same tensors
+            fa, fb = fin(a), fin_ref(b)
+            assert all(np.allclose(fa[k].numpy(), fb[k].numpy(), atol=1e-5) for k in ("x", "mask", "depth"))
+        ids1, st1 = ray.get(r1.epoch.remote())
+        ids0 = {int(i) for b in b0 for i in b["sample_id"]}
+        st0 = {k: r0.stats()[k] - s0[k] for k in ("decoded", "preload_hits")}
+        seen.append((ids0, set(ids1), st0, st1))
+    (a0, a1, st0_1, _), (b0_, b1, st0_2, _), (c0, _, st0_3, _) = seen
+    assert r0._shared_preload() and not a0 & a1  # two ranks, disjoint slices
+    assert st0_1["preload_hits"] == 0 and st0_1["decoded"] == len(a0)
+    # epoch 2: rank 0 is served every id either rank decoded in epoch 1, not only its own
+    from_other = b0_ & a1
+    assert from_other and st0_2["preload_hits"] == len(b0_ & (a0 | a1)) > len(b0_ & a0)
+    assert st0_2["decoded"] == len(b0_ - (a0 | a1))
+    assert st0_3["decoded"] + st0_3["preload_hits"] == len(c0) and st0_3["decoded"] > 0
