@@ -16,10 +16,13 @@ What a batch is. Rank batches leave the host as uint8 "wire" batches at the JPEG
 (decoded straight into a pinned buffer, no per-sample copies); `finisher()` resizes, flips and
 normalises them on the training device, where that costs microseconds (transforms.BatchFinisher).
 
-Backends. "thread" (default) decodes in a thread pool inside the Train worker: libjpeg-turbo releases
-the GIL, so it scales with cores, and batches need no serialisation. "ray" runs the same decode units
-as Ray Data map_batches tasks; on the 2-core dev machine it reached ~0.25-0.3x the thread backend's
-img/s (per-task and object-store overhead: benchmarks/bench_input.py), so it is opt-in.
+Backends (who decodes). "thread": a thread pool in the Train worker; libjpeg-turbo releases the GIL,
+but the Python around each decode does not, so threads stop scaling past ~4 (H200 box, 16 cores, 224:
+4.3K img/s at 8 threads, 2.8K at 16). "process": a persistent torch DataLoader whose worker processes
+decode whole rank batches into shared memory (same box: 9.6K img/s at 224, 19.5K at 56). "auto"
+(default) picks threads for <= 4 decode workers, else processes. "ray": the same units as Ray Data
+map_batches tasks; ~0.3x the thread backend on the 2-core dev machine (per-task and object-store
+overhead, benchmarks/bench_input.py), so it is opt-in.
 """
 
 from __future__ import annotations
@@ -88,12 +91,16 @@ class StreamConfig:
     max_bad_fraction: float = 0.01
     # ---- optional tuning (not part of the order contract except shuffle_window) ----
     shuffle_window: int = 4  # shards whose rows are mixed together (memory ~ this many shard tables)
-    backend: str = "thread"  # "thread": decode threads in this process (GIL-free); "ray": Ray Data tasks
+    backend: str = (
+        "auto"  # "thread" | "process" (DataLoader worker processes) | "ray" (Ray Data tasks); auto: see below
+    )
     workers: int = 0  # decode threads / Ray Data concurrency; 0 = os.cpu_count()
     unit_samples: int = 64  # samples per decode task
     ray_task_cpus: float = 0.5  # CPUs per Ray Data decode task (Train workers hold the rest)
     decoder: str = "simplejpeg"  # "simplejpeg" (fastest, decodes into the batch buffer) | "pil"
-    pin_memory: bool = False  # page-locked batch buffers (set when the batches go to a GPU)
+    # page-locked batch buffers. Off by default: allocating them cost more than it saved (H200 box:
+    # 2.4K vs 8.5K img/s at 224), and the uint8 batches are small enough for pageable copies
+    pin_memory: bool = False
     preload_shared: bool | None = None  # decoded preload in the object store for all ranks; None = auto
     preload_group: str = ""  # runs with the same group share a decoded preload (the trainer: run name)
 
@@ -267,6 +274,51 @@ def _ray_decode_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {**into, "bg_id": meta["bg_id"], "reason": np.array(meta["reason"], dtype=str)}
 
 
+def _whole_batch(parts: list[tuple]) -> bool:
+    """One unit, decoded entirely elsewhere: its output can become the batch buffer."""
+    return len(parts) == 1 and parts[0][1] is not None and bool(parts[0][0].all())
+
+
+class _UnitDecoder(torch.utils.data.Dataset):
+    """Process backend: DataLoader "indices" are decode units (ids, sidx). A worker process reads the
+    rows from its shards and decodes them into shared memory, which reaches the trainer without a copy."""
+
+    def __init__(self, root, shards, size, lib, shapes, cache_dir, cache_bytes) -> None:
+        self.root, self.shards, self.size, self.lib, self.shapes = root, shards, size, lib, shapes
+        self.cache_dir, self.cache_bytes = cache_dir, cache_bytes
+        self._cache: ShardCache | None = None
+
+    def __getitem__(self, spec: tuple[np.ndarray, np.ndarray]) -> dict:
+        ids, sidx = spec
+        if self.cache_dir and self._cache is None:
+            self._cache = ShardCache(self.cache_dir, self.cache_bytes)
+        into = alloc_wire(len(ids), self.shapes, shared=True)
+        meta = _decode_unit(
+            self.root,
+            self.shards,
+            ids,
+            sidx,
+            self.size,
+            self.lib,
+            self._cache,
+            {k: v.numpy() for k, v in into.items()},
+        )
+        return {**into, "bg_id": meta["bg_id"], "reason": meta["reason"]}
+
+
+class _Specs(torch.utils.data.Sampler):
+    """The process backend's sampler: this epoch's decode units, set before each pass."""
+
+    def __init__(self) -> None:
+        self.items: list = []
+
+    def __iter__(self):
+        return iter(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
 # ---- bg images and decoded preload (process-local; only optimisations, never needed for correctness) --
 
 _BG: dict[tuple, tuple[torch.Tensor, np.ndarray]] = {}
@@ -311,8 +363,10 @@ class DataStream:
             raise UserError(
                 f"global_batch_size={cfg.global_batch_size} is smaller than the {world_size} workers: raise it"
             )
-        if cfg.backend not in ("thread", "ray"):
-            raise UserError(f"unknown stream backend {cfg.backend!r}: use 'thread' or 'ray'")
+        if cfg.backend not in ("auto", "thread", "process", "ray"):
+            raise UserError(
+                f"unknown stream backend {cfg.backend!r}: use 'auto', 'thread', 'process' or 'ray'"
+            )
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
         self.man = manifest_mod.load(cfg.data)
@@ -323,6 +377,11 @@ class DataStream:
         self._order: tuple[np.ndarray, np.ndarray] | None = None
         self.cache = ShardCache(cfg.cache_dir, cfg.cache_bytes) if cfg.cache_dir else None
         self._workers = cfg.workers or os.cpu_count() or 2
+        # threads share the GIL for the Python around each decode: past ~4 they stop scaling
+        self._backend = (
+            cfg.backend if cfg.backend != "auto" else ("process" if self._workers > 4 else "thread")
+        )
+        self._loader: torch.utils.data.DataLoader | None = None
         if cfg.decoder not in ("simplejpeg", "pil", "auto"):
             raise UserError(f"unknown decoder {cfg.decoder!r}: use 'simplejpeg' or 'pil'")
         self._lib = "simplejpeg" if cfg.decoder == "auto" else cfg.decoder
@@ -408,9 +467,15 @@ class DataStream:
         self._pos = [ci, ep + 1, 0] if ep + 1 < self.chunks[ci].epochs else [ci + 1, 0, 0]
 
     def close(self) -> None:
-        """Stop background shard prefetches (waits for running downloads). The stream stays usable."""
+        """Stop background shard prefetches (waits for running downloads) and decode worker processes.
+        The stream stays usable."""
         if self.cache is not None:
             self.cache.close()
+        if self._loader is not None:
+            it = getattr(self._loader, "_iterator", None)
+            if it is not None:
+                it._shutdown_workers()
+            self._loader = None
 
     def stats(self) -> dict:
         out = dict(self._counts)
@@ -522,7 +587,12 @@ class DataStream:
         if decoded is not None:
             where = np.nonzero(decoded_rows)[0]
             for k in KEYS:
-                view[k][where] = decoded[k]
+                src = np.asarray(decoded[k])
+                if len(where) == n:
+                    if src.ctypes.data != view[k].ctypes.data:  # else it already is the batch buffer
+                        view[k][:] = src
+                else:
+                    view[k][where] = src
             take(where, decoded)
         if pre is not None and not have.all():
             where = np.nonzero(~have)[0]
@@ -593,22 +663,31 @@ class DataStream:
         per_batch = max(1, sum(len(u.ids) for u in plan[0])) if plan else 1
         ahead = max(2, -(-2 * self._workers * self.cfg.unit_samples // per_batch) + 1)
         pending: deque[tuple] = deque()
-        src = self._ray_parts(plan, pre, shards) if self.cfg.backend == "ray" else None
+        src = self._offload_parts(plan, pre, shards) if self._backend != "thread" else None
         try:
             for b in range(len(plan)):
                 while len(pending) < ahead and b + len(pending) < len(plan):
                     k = b + len(pending)
                     units = plan[k]
-                    buf = alloc_wire(sum(len(u.ids) for u in units), self._shapes, pin=self.cfg.pin_memory)
+                    parts = next(src) if src is not None else None
+                    if parts is not None and _whole_batch(parts) and self._backend == "process":
+                        # the worker's shared memory is the batch (unless it must be page-locked)
+                        buf = {key: parts[0][1][key] for key in KEYS}
+                        if self.cfg.pin_memory:
+                            pinned = alloc_wire(len(units[0].ids), self._shapes, pin=True)
+                            buf = {key: pinned[key].copy_(buf[key]) for key in KEYS}
+                    else:
+                        n_b = sum(len(u.ids) for u in units)
+                        buf = alloc_wire(n_b, self._shapes, pin=self.cfg.pin_memory)
                     arrs = {key: v.numpy() for key, v in buf.items()}
                     cuts = np.cumsum([0] + [len(u.ids) for u in units])
                     views = [
                         {key: a[lo:hi] for key, a in arrs.items()} for lo, hi in itertools.pairwise(cuts)
                     ]
-                    if src is not None:
+                    if parts is not None:
                         filled = [
                             self._fill_unit(u, v, pre, shards, d, need)
-                            for u, v, (need, d) in zip(units, views, next(src), strict=True)
+                            for u, v, (need, d) in zip(units, views, parts, strict=True)
                         ]
                     else:
                         filled = [
@@ -629,57 +708,88 @@ class DataStream:
             # touches storage after the generator is closed
             dec.shutdown(wait=True, cancel_futures=True)
 
-    def _ray_parts(self, plan: Sequence[list[_Unit]], pre, shards) -> Iterator[list[tuple]]:
-        """Ray Data backend: decode the planned units in map_batches tasks, in order.
-
-        Yields per batch, per unit, (rows to decode, their decoded output or None)."""
-        import ray
-
-        c = self.cfg
+    def _offload_parts(self, plan: Sequence[list[_Unit]], pre, shards) -> Iterator[list[tuple]]:
+        """Process and Ray Data backends: the rows not in the decoded preload are decoded elsewhere,
+        in plan order. Yields per batch, per unit, (rows to decode, their decoded output or None)."""
         have = (
             pre.has(np.concatenate([u.ids for us in plan for u in us]))
             if pre is not None and len(plan)
             else None
         )
-        needs, o = [], 0
+        needs, specs, o = [], [], 0
         for us in plan:
             needs.append([])
             for u in us:
-                needs[-1].append(~have[o : o + len(u.ids)] if have is not None else np.ones(len(u.ids), bool))
+                need = ~have[o : o + len(u.ids)] if have is not None else np.ones(len(u.ids), bool)
                 o += len(u.ids)
-        items = []
-        for us, ns in zip(plan, needs, strict=True):
-            for u, need in zip(us, ns, strict=True):
+                needs[-1].append(need)
                 if need.any():
-                    spec = {
+                    specs.append((u.ids[need], u.sidx[need]))
+        decoded: Iterator[dict] = iter(())
+        if specs:
+            decoded = (
+                self._ray_decoded(specs, shards) if self._backend == "ray" else self._proc_decoded(specs)
+            )
+        for ns in needs:
+            yield [(need, next(decoded) if need.any() else None) for need in ns]
+
+    def _proc_decoded(self, specs: list[tuple[np.ndarray, np.ndarray]]) -> Iterator[dict]:
+        """Decode units in this stream's worker processes (a persistent torch DataLoader), in order."""
+        if self._loader is None:
+            c = self.cfg
+            ds = _UnitDecoder(
+                self.man.root, dict(enumerate(self.man.shards)), c.image_size, self._lib, self._shapes,
+                c.cache_dir, c.cache_bytes,
+            )  # fmt: skip
+            self._loader = torch.utils.data.DataLoader(
+                ds,
+                batch_size=None,
+                sampler=_Specs(),
+                num_workers=self._workers,
+                # forked once per stream (as DataLoaders in Ray Train workers usually are); a worker
+                # touches only its own shard tables and cache, never this process's threads or CUDA
+                persistent_workers=True,
+                prefetch_factor=2,
+            )
+        self._loader.sampler.items = specs
+        return iter(self._loader)
+
+    def _ray_decoded(self, specs: list[tuple[np.ndarray, np.ndarray]], shards) -> Iterator[dict]:
+        """Decode units as Ray Data map_batches tasks, in order."""
+        import ray
+
+        c = self.cfg
+        items = [
+            {
+                "spec": pickle.dumps(
+                    {
                         "root": self.man.root,
-                        "shards": {int(k): shards[int(k)] for k in np.unique(u.sidx[need])},
-                        "ids": u.ids[need],
-                        "sidx": u.sidx[need],
+                        "shards": {int(k): shards[int(k)] for k in np.unique(sidx)},
+                        "ids": ids,
+                        "sidx": sidx,
                         "size": c.image_size,
                         "shapes": self._shapes,
                         "lib": self._lib,
                         "cache_dir": c.cache_dir,
                         "cache_bytes": c.cache_bytes,
                     }
-                    items.append({"spec": pickle.dumps(spec)})
-        decoded: Iterator[dict] = iter(())
-        if items:
-            ctx = ray.data.DataContext.get_current()
-            ctx.execution_options.preserve_order = True  # batches must come back in plan order
-            node = ray.get_runtime_context().get_node_id()
-            ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-                _ray_decode_batch,
-                batch_size=1,
-                num_cpus=c.ray_task_cpus,
-                compute=ray.data.TaskPoolStrategy(size=self._workers),
-                # decode on this worker's node, where the batches are consumed; anywhere if it is full
-                label_selector={"ray.io/node-id": node},
-                fallback_strategy=[{"label_selector": {}}],
-            )
-            decoded = iter(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2))
-        for ns in needs:
-            yield [(need, next(decoded) if need.any() else None) for need in ns]
+                )
+            }
+            for ids, sidx in specs
+        ]
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # batches must come back in plan order
+        node = ray.get_runtime_context().get_node_id()
+        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            _ray_decode_batch,
+            batch_size=1,
+            num_cpus=c.ray_task_cpus,
+            compute=ray.data.TaskPoolStrategy(size=self._workers),
+            # decode on this worker's node, where the batches are consumed; anywhere if it is full
+            label_selector={"ray.io/node-id": node},
+            fallback_strategy=[{"label_selector": {}}],
+        )
+        return iter(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2))
 
     def _record_bad(self, bad: list[dict], ci: int, n_epoch: int) -> None:
         if not bad:
@@ -695,12 +805,13 @@ class DataStream:
             )
 
     def _plan(self, ids: np.ndarray, sidx: np.ndarray, nb: int, n_r: int) -> _Plan:
-        """Split each rank batch into decode units of at most unit_samples (bigger for Ray tasks), and
-        into at least one unit per decode thread, so the first batch (and the last) use every thread."""
-        if self.cfg.backend == "ray":  # a Ray task costs ms: fewer, bigger units
-            return _Plan(ids, sidx, nb, n_r, max(1, 4 * self.cfg.unit_samples))
-        us = max(1, min(self.cfg.unit_samples, -(-n_r // self._workers)))
-        return _Plan(ids, sidx, nb, n_r, us)
+        """Split each rank batch into decode units: for threads at most unit_samples and at least one
+        per thread (the first and last batch use every thread); a worker process decodes a whole rank
+        batch (handing over a unit costs ~ms; many batches are in flight); a Ray task, 4x unit_samples."""
+        us = {"ray": 4 * self.cfg.unit_samples, "process": n_r}.get(
+            self._backend, min(self.cfg.unit_samples, -(-n_r // self._workers))
+        )
+        return _Plan(ids, sidx, nb, n_r, max(1, us))
 
     def epoch_batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """This rank's slice of each remaining global batch of the current (chunk, epoch), in order,

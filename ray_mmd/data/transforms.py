@@ -145,14 +145,20 @@ def wire_shapes(sizes: dict[str, list[int]], size: int, resize_on_host: bool) ->
     return {k: decoded_shape(sizes[k][0], sizes[k][1], size) for k in KEYS}
 
 
-def alloc_wire(n: int, shapes: dict[str, tuple[int, int]], pin: bool = False) -> dict[str, torch.Tensor]:
-    """Uninitialised uint8 batch buffers (fg_bg n×H×W×3, mask/depth n×H×W), optionally pinned."""
-    return {
-        k: torch.empty(
-            (n, *shapes[k], 3) if k == "fg_bg" else (n, *shapes[k]), dtype=torch.uint8, pin_memory=pin
-        )
-        for k in KEYS
-    }
+def alloc_wire(
+    n: int, shapes: dict[str, tuple[int, int]], pin: bool = False, shared: bool = False
+) -> dict[str, torch.Tensor]:
+    """Uninitialised uint8 batch buffers (fg_bg n×H×W×3, mask/depth n×H×W): pinned (for async copies
+    to a GPU) or in shared memory (to hand to another process without a copy)."""
+    out = {}
+    for k in KEYS:
+        shape = (n, *shapes[k], 3) if k == "fg_bg" else (n, *shapes[k])
+        if shared:
+            storage = torch.UntypedStorage._new_shared(int(np.prod(shape)))
+            out[k] = torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+        else:
+            out[k] = torch.empty(shape, dtype=torch.uint8, pin_memory=pin)
+    return out
 
 
 def decode_samples(

@@ -9,6 +9,7 @@ global-batch mean.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -82,7 +83,7 @@ def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch
     return make_optimizer(params, o.name, lr=o.lr, weight_decay=o.weight_decay, **kw)
 
 
-def stream_config(cfg: TrainConfig, chunks: list[tuple[int, int, int]], pin_memory: bool = False):
+def stream_config(cfg: TrainConfig, chunks: list[tuple[int, int, int]]):
     from ray_mmd.data.stream import Chunk, StreamConfig
 
     d = cfg.data
@@ -100,7 +101,6 @@ def stream_config(cfg: TrainConfig, chunks: list[tuple[int, int, int]], pin_memo
         decoded_preload_bytes=d.decoded_preload_bytes,
         preload_group=f"{cfg.run.name}/stage{cfg.stage}",
         max_bad_fraction=d.max_bad_fraction,
-        pin_memory=pin_memory,
     )
 
 
@@ -150,8 +150,10 @@ class _Run:
         self.man = mf.load(cfg.data.url)
         chunks = chunk_schedule(cfg, self.man)
         self.total_steps = total_steps(cfg, self.man)
+        # the node's cores are shared by the ranks on it: that many decode workers each
+        decode_workers = max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size()))
         self.stream = DataStream(
-            stream_config(cfg, chunks, pin_memory=self.device.type == "cuda"),
+            dataclasses.replace(stream_config(cfg, chunks), workers=decode_workers),
             rank=self.rank,
             world_size=self.world,
         )

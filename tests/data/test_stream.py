@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -248,3 +249,25 @@ def test_shared_decoded_preload_serves_ranks_in_other_processes(packed, ray_loca
     assert from_other and st0_2["preload_hits"] == len(b0_ & (a0 | a1)) > len(b0_ & a0)
     assert st0_2["decoded"] == len(b0_ - (a0 | a1))
     assert st0_3["decoded"] + st0_3["preload_hits"] == len(c0) and st0_3["decoded"] > 0
+
+
+def test_process_backend_matches_threads_across_a_restart(packed):
+    from ray_mmd.data.transforms import KEYS
+
+    base = _cfg(packed, chunks=[Chunk(0, 240, 2)], flip_p=0.5)
+    ref = DataStream(base)
+    want = [b for _ in range(2) for b in ref.epoch_batches()]
+    a = DataStream(dataclasses.replace(base, backend="process"))
+    g = a.epoch_batches()
+    got = [next(g) for _ in range(3)]
+    g.close()
+    state = a.state_dict()
+    a.close()  # worker processes stop; a new stream (as after a preemption) carries on
+    b = DataStream(dataclasses.replace(base, backend="process"))
+    b.load_state_dict(state)
+    got += [x for _ in range(2) for x in b.epoch_batches()]
+    b.close()
+    assert len(got) == len(want) and b.done
+    for x, y in zip(got, want, strict=True):
+        for k in (*KEYS, "bg_id", "flip", "sample_id"):
+            assert torch.equal(x[k], y[k]), k
