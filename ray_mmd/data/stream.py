@@ -670,12 +670,9 @@ class DataStream:
                     k = b + len(pending)
                     units = plan[k]
                     parts = next(src) if src is not None else None
-                    if parts is not None and _whole_batch(parts) and self._backend == "process":
-                        # the worker's shared memory is the batch (unless it must be page-locked)
+                    whole = parts is not None and _whole_batch(parts) and self._backend == "process"
+                    if whole and not self.cfg.pin_memory:  # the worker's shared memory is the batch
                         buf = {key: parts[0][1][key] for key in KEYS}
-                        if self.cfg.pin_memory:
-                            pinned = alloc_wire(len(units[0].ids), self._shapes, pin=True)
-                            buf = {key: pinned[key].copy_(buf[key]) for key in KEYS}
                     else:
                         n_b = sum(len(u.ids) for u in units)
                         buf = alloc_wire(n_b, self._shapes, pin=self.cfg.pin_memory)
