@@ -13,16 +13,16 @@ the ranks out and has no resumable state in Ray 2.60; here every rank yields the
 by construction and the position is three integers.
 
 What a batch is. Rank batches leave the host as uint8 "wire" batches at the JPEG's DCT-scaled decode size
-(decoded straight into a pinned buffer, no per-sample copies); `finisher()` resizes, flips and
+(decoded straight into the batch's buffer, no per-sample copies); `finisher()` resizes, flips and
 normalises them on the training device, where that costs microseconds (transforms.BatchFinisher).
 
 Backends (who decodes). "thread": a thread pool in the Train worker; libjpeg-turbo releases the GIL,
-but the Python around each decode does not, so threads stop scaling past ~4 (H200 box, 16 cores, 224:
-4.3K img/s at 8 threads, 2.8K at 16). "process": a persistent torch DataLoader whose worker processes
-decode whole rank batches into shared memory (same box: 9.6K img/s at 224, 19.5K at 56). "auto"
-(default) picks threads for <= 4 decode workers, else processes. "ray": the same units as Ray Data
-map_batches tasks; ~0.3x the thread backend on the 2-core dev machine (per-task and object-store
-overhead, benchmarks/bench_input.py), so it is opt-in.
+but the Python around each decode does not, so threads stop scaling (H200 box, 16 cores, 224: 4.9K
+img/s with 8 threads, 2.8K with 16). "process": a persistent torch DataLoader whose worker processes
+decode whole rank batches into shared memory (same box: 8.6K img/s at 224, 23K at 56 with 16).
+"auto" (default) picks threads for <= 4 decode workers, else processes. "ray": the same units as Ray
+Data map_batches tasks; ~0.3x the thread backend on the 2-core dev machine (per-task and object-store
+overhead), so it is opt-in. Figures: benchmarks/bench_decode_scaling.py, bench_input.py.
 """
 
 from __future__ import annotations
