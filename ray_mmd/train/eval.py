@@ -21,10 +21,19 @@ from ray_mmd import storage
 log = logging.getLogger("ray_mmd.train")
 
 
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 class RunLog:
     """metrics.jsonl + TensorBoard events of a run (rank 0 only); works for local and remote run dirs."""
 
-    def __init__(self, run_url: str) -> None:
+    def __init__(self, run_url: str, resume_step: int = 0) -> None:
+        """resume_step: the global step this attempt starts from; what an earlier attempt logged past it
+        is trained again, so it is dropped (metrics.jsonl) or purged (TensorBoard)."""
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_url = run_url
@@ -34,9 +43,24 @@ class RunLog:
         else:
             self.tb_dir = tempfile.mkdtemp(prefix="ray_mmd_tb_")
         os.makedirs(self.tb_dir, exist_ok=True)
-        self.tb = SummaryWriter(self.tb_dir)
+        self.tb = SummaryWriter(self.tb_dir, purge_step=resume_step + 1 if resume_step else None)
         self.lines: list[str] = []
         self.metrics_url = storage.join(run_url, "metrics.jsonl")
+        self._rewind(resume_step)
+
+    def _rewind(self, step: int) -> None:
+        """Keep the lines of steps <= step (a line cut short by a kill is dropped too)."""
+        if not storage.exists(self.metrics_url):
+            return
+        lines = storage.read_bytes(self.metrics_url).decode().splitlines()
+        keep = [x for x in lines if _step_of(x) <= step]
+        if len(keep) != len(lines):
+            log.info(
+                "metrics.jsonl: dropped %d lines logged past step %d by an earlier attempt",
+                len(lines) - len(keep),
+                step,
+            )
+            storage.write_bytes_atomic(self.metrics_url, "".join(x + "\n" for x in keep).encode())
 
     def scalars(self, step: int, values: dict[str, float], kind: str = "train") -> None:
         for k, v in values.items():

@@ -229,7 +229,7 @@ class _Run:
         if self.rank == 0:
             from ray_mmd.train.eval import RunLog
 
-            self.writer = RunLog(self.run_url)
+            self.writer = RunLog(self.run_url, resume_step=self.progress.global_step)
 
     # -- checkpoint ------------------------------------------------------------------------------
 

@@ -72,12 +72,12 @@ def test_learns_and_writes_run_dir(packed_dataset, tmp_path):
 
 
 def test_resume_after_crash_is_bitwise_identical(packed_dataset, tmp_path):
-    """Crash mid-epoch (after a checkpoint), re-run: same final weights as an uninterrupted run."""
-    det = ("optim.deterministic=true", "debug.record_ids=true")
+    """Crash mid-epoch, a logged step past the last checkpoint; re-run: same weights and log as a straight run."""
+    det = ("optim.deterministic=true", "debug.record_ids=true", "run.log_every=1")
     trainer.fit(tiny(packed_dataset, str(tmp_path), "straight", *det))
     marker = tmp_path / "crashed"
     crash = tiny(
-        packed_dataset, str(tmp_path), "crashy", *det, "debug.fail_at_step=4", f"debug.kill_marker={marker}"
+        packed_dataset, str(tmp_path), "crashy", *det, "debug.fail_at_step=6", f"debug.kill_marker={marker}"
     )
     with pytest.raises(Exception, match="chaos"):
         trainer.fit(crash)
@@ -88,7 +88,7 @@ def test_resume_after_crash_is_bitwise_identical(packed_dataset, tmp_path):
             str(tmp_path),
             "crashy",
             *det,
-            "debug.fail_at_step=4",
+            "debug.fail_at_step=6",
             f"debug.kill_marker={marker}",
         )
     )
@@ -103,6 +103,12 @@ def test_resume_after_crash_is_bitwise_identical(packed_dataset, tmp_path):
     for e in range(2):  # every sample of each epoch exactly once (the < 1 batch remainder dropped)
         ids = [i for s in range(e * per_epoch, (e + 1) * per_epoch) for i in steps[str(s)]["ids"]]
         assert len(ids) == len(set(ids)) == per_epoch * 16 and set(ids) <= train_ids
+    # the lost attempt's log lines past the checkpoint are dropped: one line per (kind, step), as straight
+    logged = {
+        name: [(x["kind"], x["step"]) for x in map(json.loads, (tmp_path / name / "metrics.jsonl").open())]
+        for name in ("straight", "crashy")
+    }
+    assert logged["crashy"] == logged["straight"], logged
 
 
 def test_nan_streak_aborts_with_ids_and_last_checkpoint(packed_dataset, tmp_path):
