@@ -137,3 +137,10 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     fs.pipe_file(tmp, data)
     fs.mv(tmp, path)
+
+
+def remove(url: str) -> None:
+    """Delete a file if it is there."""
+    fs, path = filesystem(url)
+    if fs.exists(path):
+        fs.rm_file(path)

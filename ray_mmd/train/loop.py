@@ -429,7 +429,21 @@ def _plain(m: dict[str, Any]) -> dict[str, Any]:
     return {k: (v if isinstance(v, int | str) else float(v)) for k, v in m.items()}
 
 
+ABORTED = "ABORTED"  # file in the run dir: the run stopped on a NaN streak (the driver raises it)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Entry point for TorchTrainer: `config` is {"cfg": TrainConfig.to_dict()}."""
     cfg = TrainConfig.from_dict(config["cfg"])
-    _Run(cfg).train()
+    run = _Run(cfg)
+    try:
+        run.train()
+    except NonFiniteLossError as e:
+        # Not a failure for Ray to retry: a retry restores the same checkpoint and meets the same
+        # streak (max_failures times over). The gradient is all-reduced, so every rank sees the streak
+        # at the same step and ends here. Metrics reported without a checkpoint do not reach the
+        # driver in Train V2, so the message goes through the run dir.
+        if run.writer is not None:
+            run.writer.close()
+        if run.rank == 0:
+            storage.write_bytes_atomic(storage.join(run.run_url, ABORTED), str(e).encode())

@@ -155,8 +155,14 @@ def fit(cfg: TrainConfig) -> Outcome:
     ensure_data(cfg)
     if cfg.parent:
         stages.parent_checkpoint(cfg)  # fail now, on the driver, if stage N-1 has nothing to give
+    from ray_mmd.train.loop import ABORTED, NonFiniteLossError
+
+    aborted = storage.join(stages.run_url(cfg), ABORTED)
+    storage.remove(aborted)  # an earlier attempt's: a re-run resumes from the newest checkpoint
     trainer = build_trainer(cfg)
     result = trainer.fit()
+    if storage.exists(aborted):
+        raise NonFiniteLossError(storage.read_bytes(aborted).decode())
     if result.checkpoint is not None and cfg.run.workers[-1] > 0:
         ck = storage.join(stages.run_url(cfg), os.path.basename(result.checkpoint.path.rstrip("/")))
     else:
@@ -192,6 +198,11 @@ def run_cli(argv: list[str], stage: int | None = None) -> int:
     except Exception as e:  # a failed run: Ray has already logged the worker traceback
         from ray.train import TrainingFailedError
 
+        from ray_mmd.train.loop import NonFiniteLossError
+
+        if isinstance(e, NonFiniteLossError):
+            print(f"training stopped: {e}", file=sys.stderr)
+            return 1
         if isinstance(e, TrainingFailedError):
             print(
                 f"training failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e}",

@@ -74,3 +74,14 @@ def test_stages_1_2_3_on_gcs(ray_local, gcs_emulator, packed_dataset):
     assert storage.read_bytes(f"{run1}/grid_latest.png")[:4] == b"\x89PNG"
     fs, path = storage.filesystem(f"{run1}/tensorboard")
     assert any("tfevents" in p for p in fs.ls(path))
+
+
+def test_nan_streak_stops_the_run_without_ray_retrying_it(ray_local, packed_dataset, tmp_path):
+    """A NaN streak is deterministic: the workers end cleanly and the driver raises it (a retry would
+    restore the same checkpoint and meet the same streak, max_failures times over)."""
+    from ray_mmd.train.loop import NonFiniteLossError
+
+    nan = ("run.max_failures=3", "debug.nan_at_steps=[0,1]", "run.nan_abort_after=2")
+    with pytest.raises(NonFiniteLossError, match="2 non-finite losses in a row ending at global step 1"):
+        trainer.fit(_stage(packed_dataset, str(tmp_path), 1, *nan))
+    assert st.list_checkpoints(f"{tmp_path}/runs/s1") == []  # nothing after the streak was saved
