@@ -788,16 +788,24 @@ class DataStream:
         )
         return iter(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2))
 
-    def _record_bad(self, bad: list[dict], ci: int, n_epoch: int) -> None:
+    def _record_bad(self, bad: list[dict], ci: int, bad_in_epoch: int, share: int) -> None:
+        """Quarantine `bad`; stop the run when more than max_bad_fraction of this rank's share of the
+        (chunk, epoch) failed. Per epoch: a sample that never decodes is met again every epoch."""
         if not bad:
             return
         self._quarantine.extend(bad)
         self._counts["quarantined"] += len(bad)
-        if self._counts["quarantined"] > self.cfg.max_bad_fraction * max(1, n_epoch):
-            q = self._quarantine[0]
+        log.warning(
+            "quarantined %d samples of chunk %d: %s",
+            len(bad),
+            ci,
+            "; ".join(f"{q['sample_id']} ({q['reason']})" for q in bad[:5]),
+        )
+        if bad_in_epoch > self.cfg.max_bad_fraction * max(1, share):
+            q = bad[0]
             raise UserError(
-                f"{self._counts['quarantined']} samples of chunk {ci} failed to decode, more than "
-                f"max_bad_fraction={self.cfg.max_bad_fraction} (first: sample {q['sample_id']}: {q['reason']}); "
+                f"{bad_in_epoch} of this rank's {share} samples of chunk {ci} failed to decode, more than "
+                f"max_bad_fraction={self.cfg.max_bad_fraction} (e.g. sample {q['sample_id']}: {q['reason']}); "
                 "re-pack the dataset or raise max_bad_fraction"
             )
 
@@ -840,10 +848,12 @@ class DataStream:
         if pre is not None:
             pre.begin_epoch(expect_hits=ep > 0)
         src = self._batches(plan, [flips[b * n_r : (b + 1) * n_r] for b in range(nb)], pre)
+        n_bad = 0
         try:
             for b, (batch, bad) in enumerate(src):
                 pump(b + 1)
-                self._record_bad(bad, ci, len(ids))
+                n_bad += len(bad)
+                self._record_bad(bad, ci, n_bad, len(ids) // W)
                 self._counts["samples"] += len(batch["sample_id"])
                 self._pos[2] = consumed0 + (b + 1) * G
                 yield batch
@@ -879,6 +889,8 @@ def eval_batches(
         n = min(batch_size, len(ids) - i)
         plan.append(stream._plan(ids[i : i + n], sidx[i : i + n], 1, n)[0])
         flips.append(np.zeros(n, bool))
+    n_bad = 0
     for batch, bad in stream._batches(plan, flips, None):
-        stream._record_bad(bad, -1, max(1, len(ids)))
+        n_bad += len(bad)
+        stream._record_bad(bad, -1, n_bad, len(ids))
         yield batch

@@ -171,6 +171,12 @@ def test_quarantine_bad_sample(packed, tmp_path):
     strict = DataStream(dataclasses.replace(cfg, max_bad_fraction=0.0))
     with pytest.raises(UserError, match="max_bad_fraction"):
         list(strict.epoch_batches())
+    # the same bad sample comes back every epoch: the fraction is per epoch, not over the whole run
+    n_train = len(man.sample_ids("train", 0, 240))
+    three = DataStream(dataclasses.replace(cfg, chunks=[Chunk(0, 240, 3)], max_bad_fraction=1.5 / n_train))
+    for _ in range(3):
+        assert victim not in {int(i) for b in three.epoch_batches() for i in b["sample_id"]}
+    assert three.stats()["quarantined"] == 3 and three.done
 
 
 def test_eval_batches_disjoint(packed):
