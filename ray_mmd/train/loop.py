@@ -33,6 +33,20 @@ from ray_mmd.train import state as st
 
 log = logging.getLogger("ray_mmd.train")
 
+ABORTED = "ABORTED"  # file in the run dir: the run stopped on a NaN streak (the driver raises it)
+# stream counters that add up over ranks (data/* in metrics.jsonl and TensorBoard)
+_SUMMED_DATA_COUNTERS = (
+    "samples",
+    "quarantined",
+    "decoded",
+    "preload_hits",
+    "shards_opened",
+    "cache_hits",
+    "cache_misses",
+    "cache_evictions",
+    "cache_refetches",
+)
+
 
 class NonFiniteLossError(RuntimeError):
     """K steps in a row had a NaN/inf loss."""
@@ -384,8 +398,10 @@ class _Run:
                     bar.update(p.global_step - bar.n)
                 ev = evaluate(self, p.evals)
                 p.evals += 1
-                last_metrics.update({f"eval/{k}": v for k, v in ev.items()})
+                data = self._data_counters()
+                last_metrics.update({**{f"eval/{k}": v for k, v in ev.items()}, **data})
                 if self.writer is not None:
+                    self.writer.scalars(p.global_step, data, kind="data")
                     self.writer.scalars(p.global_step, {f"eval/{k}": v for k, v in ev.items()}, kind="eval")
                 reason = "final" if self.stream.done else "epoch"
                 self.save(_plain(last_metrics), reason)
@@ -395,6 +411,20 @@ class _Run:
             self.writer.close()
         if p.global_step == start_step and self.rank == 0:
             log.info("nothing left to train: the data schedule of run %s is complete", cfg.run.name)
+
+    def _data_counters(self) -> dict[str, float]:
+        """The input pipeline's counters of this attempt (samples, quarantined, cache hits/misses...),
+        summed over ranks. Called at epoch end by every rank, where a sync costs nothing."""
+        s = self.stream.stats()
+        keys = [k for k in _SUMMED_DATA_COUNTERS if k in s]
+        t = torch.tensor([float(s[k]) for k in keys], dtype=torch.float64, device=self.device)
+        if self.world > 1:
+            torch.distributed.all_reduce(t)
+        out = {f"data/{k}": v for k, v in zip(keys, t.tolist(), strict=True)}
+        out["data/dropped"] = float(s["dropped_total"])  # the epoch remainders: the same on every rank
+        if self.rank == 0:
+            log.info("data: %s", " ".join(f"{k[5:]}={v:.0f}" for k, v in out.items()))
+        return out
 
     def _loss_for(self, n_local: int):
         """Weight this rank's loss by its share of the global batch, so DDP's mean over ranks is the
@@ -427,9 +457,6 @@ class _Run:
 
 def _plain(m: dict[str, Any]) -> dict[str, Any]:
     return {k: (v if isinstance(v, int | str) else float(v)) for k, v in m.items()}
-
-
-ABORTED = "ABORTED"  # file in the run dir: the run stopped on a NaN streak (the driver raises it)
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:

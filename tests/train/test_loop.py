@@ -62,6 +62,10 @@ def test_learns_and_writes_run_dir(packed_dataset, tmp_path):
     train = [x["train/loss"] for x in lines if x["kind"] == "train"]
     evals = [x for x in lines if x["kind"] == "eval"]
     assert len(evals) == 6 and any("iou" in k for k in evals[-1])
+    data = [x for x in lines if x["kind"] == "data"][-1]  # the input pipeline's counters, last epoch
+    man = mf.load(packed_dataset)
+    per_epoch = len(man.sample_ids("train", 0, 200)) // 16 * 16
+    assert data["data/samples"] == 6 * per_epoch and data["data/quarantined"] == 0, data
     assert sum(train[-3:]) / 3 < 0.8 * sum(train[:3]) / 3, train  # the loss fell clearly
     assert (run / "grid_latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(run / "tensorboard"))

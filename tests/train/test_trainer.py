@@ -9,6 +9,7 @@ import torch
 
 from ray_mmd import storage
 from ray_mmd.config import load
+from ray_mmd.data import manifest as mf
 from ray_mmd.train import state as st
 from ray_mmd.train import trainer
 
@@ -71,6 +72,9 @@ def test_stages_1_2_3_on_gcs(ray_local, gcs_emulator, packed_dataset):
     run1 = f"{bucket}/runs/s1"
     lines = [json.loads(x) for x in storage.read_bytes(f"{run1}/metrics.jsonl").decode().splitlines()]
     assert any(x["kind"] == "eval" for x in lines) and any(x["kind"] == "train" for x in lines)
+    data = [x for x in lines if x["kind"] == "data"][-1]  # summed over the 2 ranks
+    n_train = len(mf.load(packed_dataset).sample_ids("train", 0, 80))
+    assert data["data/samples"] == n_train // 16 * 16 and data["data/quarantined"] == 0, data
     assert storage.read_bytes(f"{run1}/grid_latest.png")[:4] == b"\x89PNG"
     fs, path = storage.filesystem(f"{run1}/tensorboard")
     assert any("tfevents" in p for p in fs.ls(path))
