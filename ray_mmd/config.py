@@ -39,8 +39,12 @@ class DataConfig:
     seed: int = 0
     shuffle: bool = True
     flip_p: float = 0.5
-    cache_dir: str | None = None
+    # Node-local shard cache (selective preload + next-chunk prefetch). "auto": on, in the temp dir, for
+    # remote data (gs://); off for a local path. A Colab Drive mount is a slow local path: set a dir.
+    cache_dir: str | None = "auto"
     cache_bytes: int = 2 << 30
+    backend: str = "auto"  # who decodes: auto (threads up to 4 workers, else processes), thread, process, ray
+    decode_workers: int = 0  # per rank; 0 = the node's cores / ranks on the node
     decoded_preload_bytes: int = 0
     max_bad_fraction: float = 0.01
     synthetic: SynthConfig | None = None
@@ -265,6 +269,11 @@ def validate(cfg: TrainConfig) -> None:
     )
     _check(d.epochs >= 1, "config data.epochs: must be >= 1")
     _check(0.0 <= d.flip_p <= 1.0, "config data.flip_p: must be in [0, 1]")
+    _check(
+        d.backend in ("auto", "thread", "process", "ray"),
+        f"config data.backend: {d.backend!r} is not auto, thread, process or ray",
+    )
+    _check(d.decode_workers >= 0, "config data.decode_workers: must be >= 0 (0 = cores / ranks per node)")
     for c in d.chunks or []:
         _check(
             len(c) in (2, 3) and c[0] < c[1] and (len(c) == 2 or c[2] >= 1),

@@ -52,6 +52,8 @@ def test_overrides_are_typed(tmp_path):
         (["model.width=2.5"], "model.width"),
         (["optim.deterministic=maybe"], "optim.deterministic"),
         (["stage=4"], "stage"),
+        (["data.backend=gpu"], "data.backend"),
+        (["data.decode_workers=-1"], "data.decode_workers"),
         (["lr"], "key=value"),
     ],
 )

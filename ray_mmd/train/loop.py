@@ -97,6 +97,15 @@ def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]) -> torch
     return make_optimizer(params, o.name, lr=o.lr, weight_decay=o.weight_decay, **kw)
 
 
+def shard_cache_dir(setting: str | None, data_url: str) -> str | None:
+    """data.cache_dir "auto": a node-local cache for remote data, none for data already on local disk."""
+    if setting != "auto":
+        return setting or None
+    if storage.split_url(data_url)[0] == "file":
+        return None
+    return os.path.join(tempfile.gettempdir(), "ray_mmd_shard_cache")
+
+
 def stream_config(cfg: TrainConfig, chunks: list[tuple[int, int, int]]):
     from ray_mmd.data.stream import Chunk, StreamConfig
 
@@ -110,8 +119,10 @@ def stream_config(cfg: TrainConfig, chunks: list[tuple[int, int, int]]):
         seed=d.seed,
         shuffle=d.shuffle,
         flip_p=d.flip_p,
-        cache_dir=d.cache_dir,
+        cache_dir=shard_cache_dir(d.cache_dir, d.url),
         cache_bytes=d.cache_bytes,
+        backend=d.backend,
+        workers=d.decode_workers,
         decoded_preload_bytes=d.decoded_preload_bytes,
         preload_group=f"{cfg.run.name}/stage{cfg.stage}",
         max_bad_fraction=d.max_bad_fraction,
@@ -165,7 +176,9 @@ class _Run:
         chunks = chunk_schedule(cfg, self.man)
         self.total_steps = total_steps(cfg, self.man)
         # the node's cores are shared by the ranks on it: that many decode workers each
-        decode_workers = max(1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size()))
+        decode_workers = cfg.data.decode_workers or max(
+            1, (os.cpu_count() or 1) // max(1, ctx.get_local_world_size())
+        )
         self.stream = DataStream(
             dataclasses.replace(stream_config(cfg, chunks), workers=decode_workers),
             rank=self.rank,

@@ -55,7 +55,7 @@ def resolve_paths(cfg: TrainConfig) -> TrainConfig:
     """Workers run in their own working directory: make local paths absolute on the driver."""
     for obj, attr in ((cfg.data, "url"), (cfg.run, "storage"), (cfg.data, "cache_dir"), (cfg, "parent")):
         v = getattr(obj, attr)
-        if v and "://" not in v and (attr != "parent" or os.sep in v):
+        if v and v != "auto" and "://" not in v and (attr != "parent" or os.sep in v):
             setattr(obj, attr, os.path.abspath(os.path.expanduser(v)))
     return cfg
 

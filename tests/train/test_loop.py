@@ -54,6 +54,16 @@ def test_lr_schedule_is_a_function_of_the_global_step(packed_dataset):
     assert loop.lr_lambda(cfg, steps)(3) == f(3)  # no hidden state: same step, same LR
 
 
+def test_shard_cache_on_by_default_for_remote_data_only():
+    assert loop.shard_cache_dir("auto", "gs://b/packed").endswith("ray_mmd_shard_cache")
+    assert loop.shard_cache_dir("auto", "/data/packed") is None
+    assert loop.shard_cache_dir("/content/cache", "/content/drive/packed") == "/content/cache"
+    assert loop.shard_cache_dir(None, "gs://b/packed") is None
+    cfg = load(None, ["data.url=gs://b/packed", "data.backend=process", "data.decode_workers=3"])
+    s = loop.stream_config(cfg, [(0, 10, 1)])
+    assert (s.cache_dir, s.backend, s.workers) == (loop.shard_cache_dir("auto", "gs://x"), "process", 3)
+
+
 def test_learns_and_writes_run_dir(packed_dataset, tmp_path):
     cfg = tiny(packed_dataset, str(tmp_path), "learn", "data.chunks=[[0,200,6]]", "optim.lr=0.03")
     out = trainer.fit(cfg)

@@ -89,3 +89,12 @@ def test_nan_streak_stops_the_run_without_ray_retrying_it(ray_local, packed_data
     with pytest.raises(NonFiniteLossError, match="2 non-finite losses in a row ending at global step 1"):
         trainer.fit(_stage(packed_dataset, str(tmp_path), 1, *nan))
     assert st.list_checkpoints(f"{tmp_path}/runs/s1") == []  # nothing after the streak was saved
+
+
+def test_resolve_paths_makes_local_paths_absolute_and_keeps_auto(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = trainer.resolve_paths(load(None, ["data.url=data/x", "run.storage=runs"]))
+    assert (cfg.data.url, cfg.run.storage) == (str(tmp_path / "data/x"), str(tmp_path / "runs"))
+    assert cfg.data.cache_dir == "auto"  # resolved on each worker's node, not a directory named auto
+    cfg = trainer.resolve_paths(load(None, ["data.url=gs://b/p", "data.cache_dir=cache"]))
+    assert (cfg.data.url, cfg.data.cache_dir) == ("gs://b/p", str(tmp_path / "cache"))
