@@ -124,7 +124,6 @@ def _fit(cfg: Any) -> int:
     from ray_mmd.train.metrics import NonFiniteLossError
 
     try:
-        trainer.connect_ray(cfg)
         out = trainer.fit(cfg)
     except NonFiniteLossError as e:
         print(f"training stopped: {e}", file=sys.stderr)

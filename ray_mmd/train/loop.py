@@ -130,10 +130,24 @@ def _setup_logging(rank: int) -> None:
         lg.propagate = False
 
 
+def _build_model(
+    cfg: TrainConfig, device: torch.device, lineage: st.Lineage, fresh: bool
+) -> tuple[torch.nn.Module, torch.nn.Module, AmpPolicy]:
+    """The model (parent weights when `fresh`, else the checkpoint's come later), its DDP wrapper, AMP."""
+    from ray_mmd.models import build_model
+
+    model = build_model(cfg.model.name, width=cfg.model.width)
+    if fresh:  # a new stage starts from its parent's weights
+        lineage.parent = stages.init_from_parent(model, cfg)
+    stages.apply_freeze(model, cfg)  # before DDP: it registers the trainable parameters
+    policy = AmpPolicy.for_device(device, mode=cfg.optim.amp)
+    policy.prepare_model(model)
+    return model, ray.train.torch.prepare_model(model), policy
+
+
 def build_run(cfg: TrainConfig) -> Run:
     """Every component of this attempt, restored from the newest verified checkpoint when there is one."""
     from ray_mmd.losses import MultiTaskLoss
-    from ray_mmd.models import build_model
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -151,14 +165,8 @@ def build_run(cfg: TrainConfig) -> Run:
     ckpt = Checkpointer(run_url, rank=rank, world=world, local=local, num_to_keep=cfg.checkpoint.num_to_keep)
     resume = ckpt.find()
 
-    model = build_model(cfg.model.name, width=cfg.model.width)
     lineage = st.Lineage(run=cfg.run.name, stage=cfg.stage)
-    if resume is None:  # a fresh stage starts from its parent's weights (the checkpoint holds them otherwise)
-        lineage.parent = stages.init_from_parent(model, cfg)
-    stages.apply_freeze(model, cfg)  # before DDP: it registers the trainable parameters
-    policy = AmpPolicy.for_device(device, mode=cfg.optim.amp)
-    policy.prepare_model(model)
-    ddp = ray.train.torch.prepare_model(model)
+    model, ddp, policy = _build_model(cfg, device, lineage, fresh=resume is None)
     optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     total = inputs.total_steps(cfg, man)
     scheduler = build_scheduler(cfg, optimizer, total)

@@ -136,7 +136,7 @@ class Outcome:
 
 
 def fit(cfg: TrainConfig) -> Outcome:
-    """Run (or resume) one stage to the end of its data schedule."""
+    """Run (or resume) one stage to the end of its data schedule (joins or starts Ray if needed)."""
     resolve_paths(cfg)
     stages.stage_of(cfg)
     ensure_data(cfg)
@@ -147,6 +147,7 @@ def fit(cfg: TrainConfig) -> Outcome:
 
     aborted = storage.join(stages.run_url(cfg), ABORTED)
     storage.remove(aborted)  # an earlier attempt's: a re-run resumes from the newest checkpoint
+    connect_ray(cfg)  # after every check above: a user mistake never waits for a cluster
     trainer = build_trainer(cfg)
     result = trainer.fit()
     if storage.exists(aborted):

@@ -45,5 +45,3 @@ def test_missing_part_is_an_error(tmp_path):
     del sd["progress"]
     with pytest.raises(KeyError, match="progress"):
         _state().load_state_dict(sd)
-
-
