@@ -120,7 +120,7 @@ class ProgressBar:
                 initial=initial,
                 desc=f"stage {stage}",
                 unit="step",
-                mininterval=2.0,
+                mininterval=10.0,  # Ray forwards each refresh as a line of the driver's output
                 dynamic_ncols=True,
             )
 
@@ -133,6 +133,7 @@ class ProgressBar:
                 mask=f"{m.get('mask', 0):.3f}",
                 depth=f"{m.get('depth', 0):.3f}",
                 img_s=f"{m['img_per_s']:.0f}",
+                refresh=False,  # update() refreshes, at most every mininterval
             )
         self.bar.update(step - self.bar.n)
 
