@@ -64,10 +64,7 @@ def connect_ray(cfg: TrainConfig) -> bool:
     ray.init(
         address="local",
         num_cpus=max(os.cpu_count() or 1, int(workers * cfg.run.cpus_per_worker + 0.999)),
-        # the State API lives in the dashboard: without it Ray Train's PlacementGroupCleaner cannot
-        # watch the controller (it warns on every poll and times out at shutdown)
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
+        include_dashboard=False,
         runtime_env={"env_vars": env} if env else None,
         **quiet,
     )
