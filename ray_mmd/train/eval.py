@@ -98,7 +98,8 @@ class RunLog:
 @torch.no_grad()
 def evaluate(run: Any, index: int) -> dict[str, float]:
     """Metrics of the current model on the test split (synced across ranks); rank 0 writes a PNG grid."""
-    from ray_mmd.data.stream import eval_batches, make_finisher
+    from ray_mmd.data.stream import eval_batches
+    from ray_mmd.data.transforms import make_finisher
     from ray_mmd.metrics import MetricAccumulator
     from ray_mmd.models import split_heads
     from ray_mmd.viz import prediction_grid

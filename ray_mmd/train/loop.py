@@ -107,25 +107,15 @@ def shard_cache_dir(setting: str | None, data_url: str) -> str | None:
 
 
 def stream_config(cfg: TrainConfig, chunks: list[tuple[int, int, int]]):
-    from ray_mmd.data.stream import Chunk, StreamConfig
+    from ray_mmd.data.order import Chunk
+    from ray_mmd.data.stream import StreamConfig
 
     d = cfg.data
-    return StreamConfig(
-        data=d.url,
-        split="train",
-        chunks=[Chunk(lo, hi, e) for lo, hi, e in chunks],
-        image_size=d.image_size,
-        global_batch_size=d.global_batch_size,
-        seed=d.seed,
-        shuffle=d.shuffle,
-        flip_p=d.flip_p,
+    return StreamConfig.from_data(
+        d,
+        [Chunk(lo, hi, e) for lo, hi, e in chunks],
         cache_dir=shard_cache_dir(d.cache_dir, d.url),
-        cache_bytes=d.cache_bytes,
-        backend=d.backend,
-        workers=d.decode_workers,
-        decoded_preload_bytes=d.decoded_preload_bytes,
         preload_group=f"{cfg.run.name}/stage{cfg.stage}",
-        max_bad_fraction=d.max_bad_fraction,
     )
 
 
