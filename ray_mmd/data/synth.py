@@ -18,7 +18,6 @@ import csv
 import io
 import logging
 import math
-import multiprocessing as mp
 import os
 import zipfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -29,6 +28,7 @@ import simplejpeg
 
 from ray_mmd import storage
 from ray_mmd.data.layout import COLUMNS  # the original index CSV's columns: one definition
+from ray_mmd.data.procs import mp_context
 from ray_mmd.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -414,12 +414,6 @@ def encode_gray(a: np.ndarray) -> bytes:
 # writing the layout
 
 _ASSETS: Assets | None = None
-
-
-def mp_context() -> mp.context.BaseContext:
-    """fork where available: spawn would re-run the caller's __main__ (scripts without a main guard).
-    The children only touch numpy, zipfile and fsspec, and fsspec resets its event loop after a fork."""
-    return mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
 
 
 def _init_worker(assets: Assets) -> None:
