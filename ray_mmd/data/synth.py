@@ -45,7 +45,6 @@ log = logging.getLogger(__name__)
 
 CSV_NAME = "index.csv"
 BG_ZIP = "bg.zip"
-SIZES = {"fg_bg": [IMG, IMG], "bg": [IMG, IMG], "mask": [IMG, IMG], "depth": [DEPTH_W, DEPTH_H]}
 QUALITY = 85
 PART_SAMPLES = 2500  # samples per fg_bg/mask part zip (the original shipped several parts)
 # ---------------------------------------------------------------------------------------------

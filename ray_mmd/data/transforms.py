@@ -25,10 +25,9 @@ from ray_mmd.data.manifest import Manifest
 
 log = logging.getLogger(__name__)
 
-# Decoders. simplejpeg's min_height/min_width and PIL's `draft` both use libjpeg-turbo's DCT scaling,
-# so a 250x250 JPEG decodes straight to 63x63 for a 56 target. Both release the GIL while decoding;
-# simplejpeg is ~1.7x faster per image and decodes into a caller's buffer (no copy).
-DECODERS = ("simplejpeg", "pil")
+# Decoders ("simplejpeg" | "pil"). simplejpeg's min_height/min_width and PIL's `draft` both use
+# libjpeg-turbo's DCT scaling, so a 250x250 JPEG decodes straight to 63x63 for a 56 target. Both release
+# the GIL while decoding; simplejpeg is ~1.7x faster per image and decodes into a caller's buffer.
 KEYS = ("fg_bg", "mask", "depth")  # wire keys of the decoded sample images; fg_bg is RGB, the rest gray
 
 
@@ -167,28 +166,6 @@ def alloc_wire(
         else:
             out[k] = torch.empty(shape, dtype=torch.uint8, pin_memory=pin)
     return out
-
-
-def decode_samples(
-    fg_bg: Sequence[bytes],
-    mask: Sequence[bytes],
-    depth: Sequence[bytes],
-    size: int,
-    lib: str = "simplejpeg",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray, list[str]]:
-    """Decode and resize n samples to size×size uint8 tensors (the host-resize path).
-
-    Returns (fg n×3×S×S, mask n×S×S, depth n×S×S, ok bool[n], reasons). Rows that failed to decode
-    (ok False) hold zeros and `reasons[i]` says why; they are never returned as training data.
-    """
-    buf = alloc_wire(len(fg_bg), {k: (size, size) for k in KEYS})
-    reasons = [""] * len(fg_bg)
-    for k, blobs in zip(KEYS, (fg_bg, mask, depth), strict=True):
-        for i, r in enumerate(decode_into(blobs, buf[k].numpy(), k != "fg_bg", size, lib)):
-            if r and not reasons[i]:
-                reasons[i] = f"{k}: {r}"
-    ok = np.array([not r for r in reasons], dtype=bool)
-    return buf["fg_bg"].permute(0, 3, 1, 2), buf["mask"], buf["depth"], ok, reasons
 
 
 def _mix64(x: np.ndarray) -> np.ndarray:

@@ -16,7 +16,6 @@ from ray_mmd.data.transforms import (
     alloc_wire,
     decode_image,
     decode_into,
-    decode_samples,
     flip_decisions,
     make_finisher,
     resize_u8,
@@ -59,12 +58,13 @@ def test_decode_into_writes_rows_in_place_and_resizes_odd_sizes():
     assert not buf[2].any()  # failed rows are zeroed
 
 
-def test_decode_samples_quarantines_corrupt():
+def test_decode_into_reports_every_corrupt_row():
     good = _jpeg(250, 250)
-    gm = _jpeg(250, 250, True)
-    fg, m, d, ok, reasons = decode_samples([good, b"junk", good[:100]], [gm] * 3, [gm, gm, b""], 56)
-    assert fg.shape == (3, 3, 56, 56) and m.shape == (3, 56, 56) and d.dtype == torch.uint8
-    assert ok.tolist() == [True, False, False] and reasons[1]
+    fg = np.full((3, 63, 63, 3), 7, np.uint8)
+    reasons = decode_into([good, b"junk", good[:100]], fg, False, 56)
+    assert [bool(r) for r in reasons] == [False, True, True] and fg[0].std() > 0 and not fg[1:].any()
+    gray = np.full((2, 63, 63), 7, np.uint8)
+    assert [bool(r) for r in decode_into([_jpeg(250, 250, True), b""], gray, True, 56)] == [False, True]
 
 
 def test_resize_mixed_shapes():
