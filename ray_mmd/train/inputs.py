@@ -11,8 +11,9 @@ from collections.abc import Iterator
 from ray_mmd import storage
 from ray_mmd.config import TrainConfig
 from ray_mmd.data import manifest as mf
-from ray_mmd.data.stream import Chunk, DataStream, eval_batches, make_finisher
-from ray_mmd.data.transforms import BatchFinisher
+from ray_mmd.data.order import Chunk
+from ray_mmd.data.stream import DataStream, StreamConfig, eval_batches
+from ray_mmd.data.transforms import BatchFinisher, make_finisher
 
 
 def chunk_schedule(cfg: TrainConfig, man: mf.Manifest) -> list[Chunk]:
@@ -39,26 +40,14 @@ def shard_cache_dir(setting: str | None, data_url: str) -> str | None:
     return os.path.join(tempfile.gettempdir(), "ray_mmd_shard_cache")
 
 
-def stream_config(cfg: TrainConfig, chunks: list[Chunk]):
-    from ray_mmd.data.stream import StreamConfig
-
+def stream_config(cfg: TrainConfig, chunks: list[Chunk]) -> StreamConfig:
+    """The stage's StreamConfig: the data section as it is, the chunk schedule and the resolved cache dir."""
     d = cfg.data
-    return StreamConfig(
-        data=d.url,
-        split="train",
-        chunks=list(chunks),
-        image_size=d.image_size,
-        global_batch_size=d.global_batch_size,
-        seed=d.seed,
-        shuffle=d.shuffle,
-        flip_p=d.flip_p,
+    return StreamConfig.from_data(
+        d,
+        list(chunks),
         cache_dir=shard_cache_dir(d.cache_dir, d.url),
-        cache_bytes=d.cache_bytes,
-        backend=d.backend,
-        workers=d.decode_workers,
-        decoded_preload_bytes=d.decoded_preload_bytes,
         preload_group=f"{cfg.run.name}/stage{cfg.stage}",
-        max_bad_fraction=d.max_bad_fraction,
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ray_mmd.config import load
 from ray_mmd.data import manifest as mf
-from ray_mmd.data.stream import Chunk
+from ray_mmd.data.order import Chunk
 from ray_mmd.train import inputs
 
 
