@@ -20,6 +20,18 @@ def stream_config(url: str, **kw) -> StreamConfig:
     return StreamConfig(data, **{k: v for k, v in kw.items() if k not in _DATA})
 
 
+@pytest.fixture(scope="session")
+def packed(packed_factory) -> str:
+    """240 samples over 20 bgs (seed 1): the dataset most data tests read; a module may override it."""
+    return packed_factory(240, 20, seed=1)
+
+
+@pytest.fixture(scope="module")
+def packed_gs(packed, to_gcs) -> str:
+    """This module's `packed` copied to the GCS emulator."""
+    return to_gcs(packed)
+
+
 @pytest.fixture
 def stream_cfg():
     """stream_cfg(url, **kw) -> StreamConfig (see `stream_config`)."""

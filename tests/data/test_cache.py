@@ -22,11 +22,6 @@ def packed(packed_factory) -> str:
     return packed_factory(160, 20, seed=3)
 
 
-@pytest.fixture(scope="module")
-def packed_gs(packed, to_gcs) -> str:
-    return to_gcs(packed)
-
-
 def _disk_bytes(d: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if not f.startswith("."))
 

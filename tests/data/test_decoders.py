@@ -17,11 +17,6 @@ from ray_mmd.data.transforms import KEYS
 SIZE = 32
 
 
-@pytest.fixture(scope="module")
-def packed(packed_factory) -> str:
-    return packed_factory(240, 20, seed=1)
-
-
 @pytest.fixture
 def base(packed, stream_cfg):
     return stream_cfg(

@@ -5,17 +5,10 @@ from __future__ import annotations
 
 import threading
 
-import pytest
-
 from ray_mmd.data import manifest as mf
 from ray_mmd.data.order import Chunk
 from ray_mmd.data.shards import ShardTables
 from ray_mmd.data.stream import DataStream
-
-
-@pytest.fixture(scope="module")
-def packed(packed_factory) -> str:
-    return packed_factory(240, 20, seed=1)
 
 
 def test_tables_bounded_and_read_once(packed):

@@ -22,16 +22,6 @@ from ray_mmd.errors import UserError
 SIZE = 32  # tiny images keep the property test fast
 
 
-@pytest.fixture(scope="module")
-def packed(packed_factory) -> str:
-    return packed_factory(240, 20, seed=1)
-
-
-@pytest.fixture(scope="module")
-def packed_gs(packed, to_gcs) -> str:
-    return to_gcs(packed)
-
-
 @pytest.fixture
 def cfg_of(stream_cfg):
     """cfg_of(url, **kw): this module's stream config (tiny images, one chunk, two decode threads)."""

@@ -21,6 +21,7 @@ from ray_mmd.config import load
 from ray_mmd.data import manifest as mf
 from ray_mmd.train import checkpoint as ck
 from ray_mmd.train import trainer
+from tests.conftest import tiny_overrides
 
 pytestmark = pytest.mark.slow
 GBS = 16
@@ -51,23 +52,16 @@ def cluster():
 def _cfg(packed: str, storage: Path, name: str, *extra: str):
     return load(
         None,
-        [
-            f"data.url={packed}",
-            f"run.storage={storage}",
-            f"run.name={name}",
-            "run.progress=false",
-            "run.log_every=2",
+        tiny_overrides(
+            packed,
+            storage,
+            name,
             "run.max_failures=2",
-            "model.width=4",
-            "data.image_size=32",
             f"data.global_batch_size={GBS}",
             "data.chunks=[[0,96,2]]",
-            "optim.amp=off",
-            "checkpoint.every_steps=2",
-            "eval.max_samples=16",
             "debug.record_ids=true",
             *extra,
-        ],
+        ),
     )
 
 

@@ -12,7 +12,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,26 +21,11 @@ import pytest
 
 from ray_mmd.data import manifest as mf
 from ray_mmd.train import checkpoint as ck
+from tests.conftest import TINY, free_port, wait_for_port
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
 @pytest.fixture(scope="module")
@@ -110,13 +94,8 @@ def _tiny(packed: str, storage: Path, name: str, *extra: str) -> list[str]:
         name,
         "--workers",
         "2,2",
-        "model.width=4",
-        "data.image_size=32",
+        *TINY,
         "data.global_batch_size=16",
-        "checkpoint.every_steps=2",
-        "eval.max_samples=16",
-        "run.log_every=2",
-        "run.progress=false",
         *extra,
     ]
 

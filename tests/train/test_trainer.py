@@ -12,6 +12,7 @@ from ray_mmd.config import load
 from ray_mmd.data import manifest as mf
 from ray_mmd.train import checkpoint as ck
 from ray_mmd.train import trainer
+from tests.conftest import tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -21,27 +22,21 @@ def _stage(packed: str, bucket: str, stage: int, *extra: str):
     size = 32 if stage == 1 else 128
     return load(
         None,
-        [
+        tiny_overrides(
+            packed,
+            f"{bucket}/runs",
+            f"s{stage}",
             f"stage={stage}",
-            f"data.url={packed}",
-            f"run.storage={bucket}/runs",
-            f"run.name=s{stage}",
             "run.workers=2",
-            "run.progress=false",
-            "run.log_every=2",
             f"model.name={model}",
-            "model.width=4",
             f"data.image_size={size}",
             "data.global_batch_size=16",
             "data.micro_batch_size=4",  # 8 per worker -> 2 accumulated micro-batches
             "data.chunks=[[0,80,1]]",
-            "optim.amp=off",
-            "checkpoint.every_steps=2",
-            "eval.max_samples=16",
             "eval.batch_size=8",
             *([f"parent=s{stage - 1}"] if stage > 1 else []),
             *extra,
-        ],
+        ),
     )
 
 
