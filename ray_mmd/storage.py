@@ -142,9 +142,14 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
     if scheme == "gs":
         fs.pipe_file(path, data)
         return
+    if fs.isdir(path):  # fs.mv would move the file *into* the directory under its temp name
+        raise IsADirectoryError(f"{url!r} is a directory")
     tmp = f"{path}.tmp-{os.getpid()}"
     fs.pipe_file(tmp, data)
-    fs.mv(tmp, path)
+    if scheme == "file":
+        os.replace(tmp, path)  # atomic on POSIX
+    else:
+        fs.mv(tmp, path)
 
 
 def remove(url: str) -> None:

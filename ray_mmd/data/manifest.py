@@ -132,7 +132,7 @@ class Manifest:
             return UserError(f"{where} is not a valid ray-mmd manifest ({problem}): {fix}")
 
         try:
-            d = json.loads(text)
+            d = json.loads(text.decode("utf-8") if isinstance(text, bytes) else text)
         except UnicodeDecodeError:
             raise bad("not UTF-8 text") from None
         except json.JSONDecodeError as e:
