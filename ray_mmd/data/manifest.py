@@ -181,6 +181,8 @@ class Manifest:
 def load(root: str) -> Manifest:
     """Load DST/manifest.json; a dataset without one is incomplete (or not a packed dataset)."""
     url = storage.join(root, MANIFEST_NAME)
+    # gs://: endpoint, credentials and bucket in seconds and one line, before gcsfs's retries
+    storage.check_reachable(root, need_bucket=True, what="dataset URL")
     if not storage.exists(url):
         raise UserError(
             f"no {MANIFEST_NAME} at {root!r}: pack the dataset first with `ray-mmd data pack SRC {root}`"

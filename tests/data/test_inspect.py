@@ -245,3 +245,10 @@ def test_subprocess_not_json_has_no_traceback(ds, tmp_path):
     )
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip().count("\n") == 0 and "a JSON list, not an object" in r.stderr, r.stderr
+
+
+def test_missing_bucket_names_the_bucket_not_the_manifest(gcs_emulator, capsys):
+    rc = cli.main(["data", "inspect", "gs://no-such-bucket-insp/ds"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "bucket gs://no-such-bucket-insp does not exist" in err and "dataset URL" in err, err
