@@ -290,13 +290,7 @@ def _unreachable(url: str, endpoint: str, emulator: bool, why: str) -> UserError
     return UserError(f"cannot reach {url!r}: {_where(endpoint, emulator)} {why}: {fix}")
 
 
-def _probe_gcs(url: str, bucket: str, prefix: str, deadline: float) -> int:
-    """One unretried list call; returns the HTTP status (200 ok, 404 no bucket) or raises UserError."""
-    endpoint, emulator = _gcs_endpoint()
-    parsed = urllib.parse.urlsplit(endpoint)
-    host = parsed.hostname or ""
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    # 1. name resolution + TCP: the usual failures (no network, dead emulator port) end here at once
+def _connect(url: str, endpoint: str, emulator: bool, host: str, port: int, deadline: float) -> None:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
@@ -312,6 +306,19 @@ def _probe_gcs(url: str, bucket: str, prefix: str, deadline: float) -> int:
         ) from None
     except OSError as e:
         raise _unreachable(url, endpoint, emulator, f"refused the connection ({e.strerror})") from None
+
+
+def _probe_gcs(url: str, bucket: str, prefix: str, deadline: float) -> int:
+    """One unretried list call; returns the HTTP status (200 ok, 404 no bucket) or raises UserError."""
+    endpoint, emulator = _gcs_endpoint()
+    parsed = urllib.parse.urlsplit(endpoint)
+    host = parsed.hostname or ""
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    # 1. name resolution + TCP: the usual failures (no network, dead emulator port) end here at once
+    #    (skipped behind an HTTP(S) proxy: then only the proxy is reachable, and step 3 goes through it)
+    proxied = parsed.scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(host)
+    if not proxied:
+        _connect(url, endpoint, emulator, host, port, deadline)
     # 2. credentials, the way storage.filesystem will use them
     headers = {"User-Agent": "ray-mmd"}
     token = _gcs_token()
