@@ -1,10 +1,16 @@
-"""End to end on a GPU: stream (uint8 batches, decode workers = cores) -> copy ->
-finish on the device -> train step, vs the same steps on a batch already on the device. One run.
+"""P7 on a GPU: train steps fed by the stream vs the same steps on a batch already on the device, at
+stage 1 (56, G=512) and stage 3 (224, G=64), bf16 + channels_last, over a whole epoch of >= 16K samples;
+fed twice: the copy + finish serial on the step's stream, and overlapped on a side stream
+(ray_mmd.data.device_feed.DeviceFeed). GPU busy % from the profiler beside each. One run.
 
-    python benchmarks/bench_gpu_input.py --device cuda          # stage 1 (56, unet) and stage 3 (224, unet224)
-    python benchmarks/bench_gpu_input.py --quick                 # CPU smoke run, tiny model
+    python benchmarks/bench_gpu_input.py --device cuda --data /tmp/ds      # a packed set (>= 16K train)
+    python benchmarks/bench_gpu_input.py --quick                            # CPU smoke run, tiny model
 
-Also checks that the device finish matches the CPU finish to within uint8 rounding.
+Per stage, on one stream (epochs of its whole train split): 1-2 stream alone (fresh, steady state),
+3 fed serial, 4 fed through DeviceFeed; then resident for as many steps. The img/s of a fed epoch
+counts its first steps (the epoch's refill) and excludes the last --profile-steps, which run under
+the profiler: busy % = union of GPU activity (kernels, copies) / span from first to last of it there.
+Also checks the device finish against the CPU finish, and DeviceFeed's batches against serial ones.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import write_result  # noqa: E402
+from ray_mmd.data import manifest as mf  # noqa: E402
+from ray_mmd.data.device_feed import DeviceFeed  # noqa: E402
 from ray_mmd.data.pack import make_synthetic  # noqa: E402
 from ray_mmd.data.stream import Chunk, DataStream, StreamConfig, clear_process_caches  # noqa: E402
 from ray_mmd.losses import MultiTaskLoss  # noqa: E402
@@ -28,105 +36,197 @@ from ray_mmd.models import build_model  # noqa: E402
 from ray_mmd.train.step import AmpPolicy, make_optimizer, train_step  # noqa: E402
 
 
+def gpu_busy(prof) -> dict:
+    """Union of GPU activity intervals / their span, from a torch.profiler run (CUDA activity)."""
+    iv = []
+    for e in prof.profiler.kineto_results.events():
+        if not str(e.device_type()).endswith("CUDA"):
+            continue
+        s = e.start_ns() if hasattr(e, "start_ns") else e.start_us() * 1000
+        d = e.duration_ns() if hasattr(e, "duration_ns") else e.duration_us() * 1000
+        if d > 0:
+            iv.append((s, s + d))
+    if not iv:
+        return {"busy_frac": None, "gpu_events": 0}
+    iv.sort()
+    busy, cur_s, cur_e = 0, *iv[0]
+    for s, e in iv[1:]:
+        if s > cur_e:
+            busy += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    busy += cur_e - cur_s
+    span = iv[-1][1] - iv[0][0]
+    return {"busy_frac": busy / span, "span_s": span / 1e9, "gpu_events": len(iv)}
+
+
+def _fed(batches, step, n_prof: int, n_total: int, sync, cuda: bool) -> tuple[float, int, dict]:
+    """Run `step` on each batch: time the first n_total - n_prof steps, profile the rest."""
+    t0, k, steps, res, prof = time.perf_counter(), 0, 0, None, None
+    for b in batches:
+        if steps == n_total - n_prof:
+            sync()
+            res = (k / (time.perf_counter() - t0), steps)
+            if cuda and n_prof:
+                prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+                prof.start()
+        step(b)
+        k += len(b["sample_id"])
+        steps += 1
+    sync()
+    if res is None:
+        res = (k / (time.perf_counter() - t0), steps)
+    busy = {"busy_frac": None}
+    if prof is not None:
+        prof.stop()
+        try:
+            busy = gpu_busy(prof)
+        except Exception as e:  # the profiler's event API differs between torch versions
+            busy = {"busy_frac": None, "error": repr(e)}
+    return res[0], res[1], busy
+
+
 def stage(
-    root: str, n: int, size: int, model: str, width: int, G: int, dev: torch.device, preload: int = 0
+    root: str, size: int, model: str, width: int, G: int, dev: torch.device, workers: int, n_prof: int
 ) -> dict:
     cuda = dev.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    man = mf.load(root)
     cfg = StreamConfig(
-        data=root,
-        image_size=size,
-        global_batch_size=G,
-        chunks=[Chunk(0, n, 4)],
-        workers=0,
-        decoded_preload_bytes=preload,
+        data=root, image_size=size, global_batch_size=G, chunks=[Chunk(0, man.id_end, 4)], workers=workers
     )
     clear_process_caches()
     s = DataStream(cfg)
+    n_train, nb = len(man.sample_ids("train")), s.steps_in_epoch()
     fin, fin_cpu = s.finisher().to(dev), s.finisher()
     policy = AmpPolicy.for_device(dev)
+    torch.manual_seed(0)
     net = policy.prepare_model(build_model(model, width=width))
-    opt, loss = make_optimizer(net.parameters(), lr=1e-3), MultiTaskLoss().to(dev)
+    opt, loss = make_optimizer(net.parameters(), lr=1e-4), MultiTaskLoss().to(dev)
 
-    # epochs 1 and 2: the stream alone (what the input pipeline delivers to the device, copies included);
-    # epoch 1 of a fresh stream also pays worker start-up and the bg table, epoch 2 is the steady state
-    stream_img_s = []
-    for _ in range(2):
+    def prep(w):
+        return policy.prepare_batch(w, fin)
+
+    def step(b):
+        train_step(net, b, loss, opt, policy)
+
+    # epochs 1 and 2: the stream alone, to the device and finished there (epoch 1 pays worker start-up)
+    stream_img_s, keep = [], []
+    for e in range(2):
         t0, k = time.perf_counter(), 0
         for i, wire in enumerate(s.epoch_batches()):
-            b = policy.prepare_batch(wire, fin)
+            b = prep(wire)
             k += len(wire["sample_id"])
-            if i == 0 and not stream_img_s:
-                ref = fin_cpu(wire)
-                err = {
-                    key: float((b[key].float().cpu() - ref[key]).abs().max())
-                    for key in ("x", "mask", "depth")
-                }
-                first = b
+            if e == 0 and i < 3:
+                keep.append((wire, b))
         sync()
         stream_img_s.append(k / (time.perf_counter() - t0))
+    ref = fin_cpu(keep[0][0])
+    err = {
+        key: float((keep[0][1][key].float().cpu() - ref[key]).abs().max()) for key in ("x", "mask", "depth")
+    }
     assert err["mask"] <= 1 / 255 + 1e-4 and err["depth"] <= 1 / 255 + 1e-4, err
-
-    for _ in range(3):  # warm-up (cudnn autotune, allocator)
-        train_step(net, first, loss, opt, policy)
-    # epoch 3: stream -> finish -> step
+    # DeviceFeed's batches (side stream on CUDA) are the serial ones
+    feed_equal = all(
+        torch.equal(a[k], b[k])
+        for (_, b), a in zip(keep, DeviceFeed([w for w, _ in keep], prep, dev, depth=2), strict=True)
+        for k in ("x", "mask", "depth", "sample_id")
+    )
+    first = keep[0][1]
+    for _ in range(3):  # warm-up (cudnn autotune, allocator, the compiled SSIM)
+        step(first)
     sync()
-    t0, k, steps = time.perf_counter(), 0, 0
-    for wire in s.epoch_batches():
-        train_step(net, policy.prepare_batch(wire, fin), loss, opt, policy)
-        k += len(wire["sample_id"])
-        steps += 1
-    sync()
-    fed = k / (time.perf_counter() - t0)
-    # the same number of steps on a batch that is already there
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        train_step(net, first, loss, opt, policy)
-    sync()
-    resident = steps * G / (time.perf_counter() - t0)
+    n_prof = min(n_prof, nb // 3)
+    # epoch 3: stream -> copy + finish on the step's stream -> step
+    fed, steps, busy_fed = _fed((prep(w) for w in s.epoch_batches()), step, n_prof, nb, sync, cuda)
+    # epoch 4: the same through DeviceFeed (copy + finish of the next batches on a side stream)
+    feed = DeviceFeed(s.epoch_batches(), prep, dev, state=s.state_dict)
+    fed2, steps2, busy_feed = _fed(feed, step, n_prof, nb, sync, cuda)
+    # resident: the same number of steps on a batch already on the device
+    res, _, busy_res = _fed(iter([first] * nb), step, n_prof, nb, sync, cuda)
     out = {
-        "samples": n,
+        "train_samples": n_train,
         "global_batch": G,
+        "steps_per_epoch": nb,
+        "timed_steps": steps,
+        "profiled_steps": n_prof,
         "model": f"{model} width {width}",
         "amp": policy.mode,
-        "decoded_preload": bool(preload),
+        "channels_last": policy.channels_last,
+        "decode_workers": s._workers,
+        "decode_backend": s._backend,
         "stream_first_epoch_img_s": stream_img_s[0],
         "stream_to_device_img_s": stream_img_s[1],
-        "train_fed_by_stream_img_s": fed,
-        "train_resident_batch_img_s": resident,
-        "fed_vs_resident": fed / resident,
+        "train_fed_serial_img_s": fed,
+        "train_fed_device_feed_img_s": fed2,
+        "train_resident_batch_img_s": res,
+        "fed_serial_vs_resident": fed / res,
+        "fed_device_feed_vs_resident": fed2 / res,
+        "gpu_busy_fed_serial": busy_fed,
+        "gpu_busy_fed_device_feed": busy_feed,
+        "gpu_busy_resident": busy_res,
+        "device_feed_batches_equal_serial": feed_equal,
+        "device_feed_position_matches_stream": feed.state_dict() == s.state_dict(),
         "finish_max_abs_err_vs_cpu": err,
     }
+    bf = lambda d: "n/a" if d.get("busy_frac") is None else f"{100 * d['busy_frac']:.0f}%"  # noqa: E731
     print(
-        f"{size}{' decoded preload' if preload else ''}: stream->device {stream_img_s[1]:.0f} img/s (first epoch {stream_img_s[0]:.0f}); train fed by stream {fed:.0f} vs resident batch "
-        f"{resident:.0f} img/s ({fed / resident:.2f}x); device finish vs CPU max |err| {err}"
+        f"{size}px G={G} ({n_train} train samples): stream->device {stream_img_s[1]:.0f} img/s (first epoch "
+        f"{stream_img_s[0]:.0f}); resident {res:.0f} img/s (busy {bf(busy_res)}); fed serial {fed:.0f} "
+        f"({fed / res:.2f}x, busy {bf(busy_fed)}); fed DeviceFeed {fed2:.0f} ({fed2 / res:.2f}x, busy "
+        f"{bf(busy_feed)}); feed==serial {feed_equal}",
+        flush=True,
     )
+    s.close()
     return out
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--samples", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="CPU smoke run: tiny model, small batches")
+    ap.add_argument("--data", default="", help="a packed dataset (else one is generated)")
+    ap.add_argument("--samples", type=int, default=0, help="samples to generate without --data")
+    ap.add_argument("--workers", type=int, default=0, help="decode workers (0: the stream's default)")
+    ap.add_argument("--stages", default="1,3")
+    ap.add_argument("--profile-steps", type=int, default=10)
+    ap.add_argument("--tag", default="")
     args = ap.parse_args()
     dev = torch.device(args.device)
-    n = args.samples or (192 if args.quick else 4096)
     width = 4 if args.quick else 64
     work = tempfile.mkdtemp(prefix="bench-gpu-input-")
     try:
-        root = os.path.join(work, "ds")
-        make_synthetic(root, n, shard_size=512, seed=0, test_fraction=0.0)
+        root = args.data
+        if not root:
+            root = os.path.join(work, "ds")
+            make_synthetic(
+                root, args.samples or (256 if args.quick else 17000), 512, seed=0, test_fraction=0.02
+            )
         res: dict = {
             "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+            "torch": torch.__version__,
             "cores": os.cpu_count(),
+            "command": " ".join(sys.argv),
         }
-        res["stage1_56"] = stage(root, n, 56, "unet", width, 64 if args.quick else 512, dev)
-        res["stage1_56_decoded_preload"] = stage(
-            root, n, 56, "unet", width, 64 if args.quick else 512, dev, 4 << 30
-        )
-        res["stage3_224"] = stage(root, n, 224, "unet224", width, 32 if args.quick else 64, dev)
-        write_result(f"bench_gpu_input_{dev.type}", res)
+        for st in args.stages.split(","):
+            if st == "1":
+                res["stage1_56"] = stage(
+                    root, 56, "unet", width, 64 if args.quick else 512, dev, args.workers, args.profile_steps
+                )
+            elif st == "3":
+                res["stage3_224"] = stage(
+                    root,
+                    224,
+                    "unet224",
+                    width,
+                    16 if args.quick else 64,
+                    dev,
+                    args.workers,
+                    args.profile_steps,
+                )
+            name = f"bench_gpu_input_{dev.type}" + (f"_{args.tag}" if args.tag else "")
+            print("wrote", write_result(name, res), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -143,8 +143,10 @@ def _ssim_chunk(
 
 
 # On a GPU the eager SSIM is launch-bound (~30 small kernels at (256,1,56,56): ~1.4 ms for ~0.1 ms of
-# work), so there the chunk function -- value and analytic gradient together -- is compiled once per
-# process: inductor fuses the elementwise maps around the four filter GEMMs into a few kernels.
+# work), so there the chunk function -- value and analytic gradient together -- is compiled: inductor
+# fuses the elementwise maps around the four filter GEMMs into a few kernels. dynamic=True: one graph
+# for every batch and image size (stage 1, stage 3, accumulation's uneven micro-batches), compiled once
+# and then found in inductor's on-disk cache by later processes.
 # RAY_MMD_COMPILE_LOSS=0 turns it off; a compile failure falls back to eager (logged once).
 _COMPILED: dict[str, Callable | None] = {}
 
@@ -166,7 +168,7 @@ def _ssim_full(
 def _compiled_ssim_full() -> Callable | None:
     if "full" not in _COMPILED:
         try:
-            _COMPILED["full"] = torch.compile(_ssim_full, dynamic=None)
+            _COMPILED["full"] = torch.compile(_ssim_full, dynamic=True)
         except Exception as e:  # no inductor / triton on this install
             log.warning("torch.compile unavailable for SSIM (%s); using the eager version", e)
             _COMPILED["full"] = None
