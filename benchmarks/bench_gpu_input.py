@@ -6,8 +6,9 @@ fed twice: the copy + finish serial on the step's stream, and overlapped on a si
     python benchmarks/bench_gpu_input.py --device cuda --data /tmp/ds      # a packed set (>= 16K train)
     python benchmarks/bench_gpu_input.py --quick                            # CPU smoke run, tiny model
 
-Per stage, on one stream (epochs of its whole train split): 1-2 stream alone (fresh, steady state),
-3 fed serial, 4 fed through DeviceFeed; then resident for as many steps. The img/s of a fed epoch
+Per stage, on one stream (epochs of its whole train split): 1-2 the stream alone on the host (fresh,
+steady state), 3 the stream to the device and finished there, 4 fed serial, 5 fed through DeviceFeed;
+then resident for as many steps. The img/s of a fed epoch
 counts its first steps (the epoch's refill) and excludes the last --profile-steps, which run under
 the profiler: busy % = union of GPU activity (kernels, copies) / span from first to last of it there.
 Also checks the device finish against the CPU finish, and DeviceFeed's batches against serial ones.
@@ -16,6 +17,7 @@ Also checks the device finish against the CPU finish, and DeviceFeed's batches a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import sys
@@ -69,8 +71,12 @@ def _fed(batches, step, n_prof: int, n_total: int, sync, cuda: bool) -> tuple[fl
             sync()
             res = (k / (time.perf_counter() - t0), steps)
             if cuda and n_prof:
-                prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
-                prof.start()
+                try:
+                    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+                    prof.start()
+                except Exception as e:  # a profiler that will not start must not cost the figures
+                    print("profiler did not start:", repr(e), flush=True)
+                    prof = None
         step(b)
         k += len(b["sample_id"])
         steps += 1
@@ -88,13 +94,21 @@ def _fed(batches, step, n_prof: int, n_total: int, sync, cuda: bool) -> tuple[fl
 
 
 def stage(
-    root: str, size: int, model: str, width: int, G: int, dev: torch.device, workers: int, n_prof: int
+    root: str,
+    size: int,
+    model: str,
+    width: int,
+    G: int,
+    dev: torch.device,
+    workers: int,
+    n_prof: int,
+    alt_workers: int = 0,
 ) -> dict:
     cuda = dev.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     man = mf.load(root)
     cfg = StreamConfig(
-        data=root, image_size=size, global_batch_size=G, chunks=[Chunk(0, man.id_end, 4)], workers=workers
+        data=root, image_size=size, global_batch_size=G, chunks=[Chunk(0, man.id_end, 5)], workers=workers
     )
     clear_process_caches()
     s = DataStream(cfg)
@@ -111,17 +125,19 @@ def stage(
     def step(b):
         train_step(net, b, loss, opt, policy)
 
-    # epochs 1 and 2: the stream alone, to the device and finished there (epoch 1 pays worker start-up)
-    stream_img_s, keep = [], []
-    for e in range(2):
+    # epochs 1-3: the stream alone: on the host (epoch 1 pays worker start-up), then to the device and
+    # finished there, serially (what the step would wait for without overlap)
+    host_img_s, stream_img_s, keep = [], [], []
+    for e in range(3):
         t0, k = time.perf_counter(), 0
         for i, wire in enumerate(s.epoch_batches()):
-            b = prep(wire)
+            if e == 2:
+                b = prep(wire)
+                if i < 3:
+                    keep.append((wire, b))
             k += len(wire["sample_id"])
-            if e == 0 and i < 3:
-                keep.append((wire, b))
         sync()
-        stream_img_s.append(k / (time.perf_counter() - t0))
+        (host_img_s if e < 2 else stream_img_s).append(k / (time.perf_counter() - t0))
     ref = fin_cpu(keep[0][0])
     err = {
         key: float((keep[0][1][key].float().cpu() - ref[key]).abs().max()) for key in ("x", "mask", "depth")
@@ -138,13 +154,29 @@ def stage(
         step(first)
     sync()
     n_prof = min(n_prof, nb // 3)
-    # epoch 3: stream -> copy + finish on the step's stream -> step
+    # epoch 4: stream -> copy + finish on the step's stream -> step
     fed, steps, busy_fed = _fed((prep(w) for w in s.epoch_batches()), step, n_prof, nb, sync, cuda)
-    # epoch 4: the same through DeviceFeed (copy + finish of the next batches on a side stream)
+    # epoch 5: the same through DeviceFeed (copy + finish of the next batches on a side stream)
     feed = DeviceFeed(s.epoch_batches(), prep, dev, state=s.state_dict)
     fed2, steps2, busy_feed = _fed(feed, step, n_prof, nb, sync, cuda)
     # resident: the same number of steps on a batch already on the device
     res, _, busy_res = _fed(iter([first] * nb), step, n_prof, nb, sync, cuda)
+    position_ok = feed.state_dict() == s.state_dict()
+    s.close()
+    alt = {}
+    if alt_workers:
+        # the same DeviceFeed epoch with fewer decode processes: cores left to the thread driving the GPU
+        s2 = DataStream(dataclasses.replace(cfg, workers=alt_workers, chunks=[Chunk(0, man.id_end, 2)]))
+        for _ in s2.epoch_batches():  # warm: worker start-up
+            pass
+        fed3, _, busy_alt = _fed(DeviceFeed(s2.epoch_batches(), prep, dev), step, n_prof, nb, sync, cuda)
+        s2.close()
+        alt = {
+            "alt_decode_workers": alt_workers,
+            "train_fed_device_feed_alt_workers_img_s": fed3,
+            "fed_device_feed_alt_workers_vs_resident": fed3 / res,
+            "gpu_busy_fed_device_feed_alt_workers": busy_alt,
+        }
     out = {
         "train_samples": n_train,
         "global_batch": G,
@@ -156,8 +188,9 @@ def stage(
         "channels_last": policy.channels_last,
         "decode_workers": s._workers,
         "decode_backend": s._backend,
-        "stream_first_epoch_img_s": stream_img_s[0],
-        "stream_to_device_img_s": stream_img_s[1],
+        "stream_host_first_epoch_img_s": host_img_s[0],
+        "stream_host_img_s": host_img_s[1],
+        "stream_to_device_serial_img_s": stream_img_s[0],
         "train_fed_serial_img_s": fed,
         "train_fed_device_feed_img_s": fed2,
         "train_resident_batch_img_s": res,
@@ -167,18 +200,24 @@ def stage(
         "gpu_busy_fed_device_feed": busy_feed,
         "gpu_busy_resident": busy_res,
         "device_feed_batches_equal_serial": feed_equal,
-        "device_feed_position_matches_stream": feed.state_dict() == s.state_dict(),
+        "device_feed_position_matches_stream": position_ok,
         "finish_max_abs_err_vs_cpu": err,
+        **alt,
     }
     bf = lambda d: "n/a" if d.get("busy_frac") is None else f"{100 * d['busy_frac']:.0f}%"  # noqa: E731
     print(
-        f"{size}px G={G} ({n_train} train samples): stream->device {stream_img_s[1]:.0f} img/s (first epoch "
-        f"{stream_img_s[0]:.0f}); resident {res:.0f} img/s (busy {bf(busy_res)}); fed serial {fed:.0f} "
+        f"{size}px G={G} ({n_train} train samples): stream on host {host_img_s[1]:.0f} img/s (first epoch "
+        f"{host_img_s[0]:.0f}), to device serially {stream_img_s[0]:.0f}; resident {res:.0f} img/s (busy {bf(busy_res)}); fed serial {fed:.0f} "
         f"({fed / res:.2f}x, busy {bf(busy_fed)}); fed DeviceFeed {fed2:.0f} ({fed2 / res:.2f}x, busy "
-        f"{bf(busy_feed)}); feed==serial {feed_equal}",
+        f"{bf(busy_feed)}); feed==serial {feed_equal}"
+        + (
+            f"; DeviceFeed with {alt_workers} decode workers {alt['fed_device_feed_alt_workers_vs_resident']:.2f}x "
+            f"(busy {bf(alt['gpu_busy_fed_device_feed_alt_workers'])})"
+            if alt
+            else ""
+        ),
         flush=True,
     )
-    s.close()
     return out
 
 
@@ -191,6 +230,11 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0, help="decode workers (0: the stream's default)")
     ap.add_argument("--stages", default="1,3")
     ap.add_argument("--profile-steps", type=int, default=10)
+    ap.add_argument(
+        "--alt-workers",
+        default="12,8",
+        help="stage 1, stage 3: decode workers of an extra DeviceFeed epoch (0: none)",
+    )
     ap.add_argument("--tag", default="")
     args = ap.parse_args()
     dev = torch.device(args.device)
@@ -209,10 +253,21 @@ def main() -> None:
             "cores": os.cpu_count(),
             "command": " ".join(sys.argv),
         }
+        alt = [int(x) for x in args.alt_workers.split(",")] + [0, 0]
+        if args.quick:
+            alt = [2, 2]
         for st in args.stages.split(","):
             if st == "1":
                 res["stage1_56"] = stage(
-                    root, 56, "unet", width, 64 if args.quick else 512, dev, args.workers, args.profile_steps
+                    root,
+                    56,
+                    "unet",
+                    width,
+                    64 if args.quick else 512,
+                    dev,
+                    args.workers,
+                    args.profile_steps,
+                    alt[0],
                 )
             elif st == "3":
                 res["stage3_224"] = stage(
@@ -224,6 +279,7 @@ def main() -> None:
                     dev,
                     args.workers,
                     args.profile_steps,
+                    alt[1],
                 )
             name = f"bench_gpu_input_{dev.type}" + (f"_{args.tag}" if args.tag else "")
             print("wrote", write_result(name, res), flush=True)

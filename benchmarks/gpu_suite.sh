@@ -123,7 +123,7 @@ for p in sorted(glob.glob("benchmarks/results/" + sys.argv[1] + ".json")):
         for k in ("stage1_56", "stage3_224"):
             r = d.get(k)
             if r:
-                print(f"P7 {k}: resident {r['train_resident_batch_img_s']:.0f}, serial {r['fed_serial_vs_resident']:.2f}x (busy {f(g(r, 'gpu_busy_fed_serial', 'busy_frac'))}), DeviceFeed {r['fed_device_feed_vs_resident']:.2f}x (busy {f(g(r, 'gpu_busy_fed_device_feed', 'busy_frac'))}), stream {r['stream_to_device_img_s']:.0f} img/s, equal={r['device_feed_batches_equal_serial']}")
+                print(f"P7 {k}: resident {r['train_resident_batch_img_s']:.0f}, serial {r['fed_serial_vs_resident']:.2f}x (busy {f(g(r, 'gpu_busy_fed_serial', 'busy_frac'))}), DeviceFeed {r['fed_device_feed_vs_resident']:.2f}x (busy {f(g(r, 'gpu_busy_fed_device_feed', 'busy_frac'))}), stream host {r['stream_host_img_s']:.0f} to-device {r['stream_to_device_serial_img_s']:.0f} img/s, equal={r['device_feed_batches_equal_serial']}")
     elif n.startswith("bench_step"):
         for r in d["rows"]:
             print(f"step {r['stage']} {r['amp']}: {r['img_per_s']:.0f} img/s, loss share {100 * r['ours']['loss_share']:.1f}% (kornia recipe {100 * g(r, 'kornia_recipe', 'loss_share'):.1f}%), syncs: {r.get('host_syncs_in_step', '-')[:20]}" if r.get("kornia_recipe") else f"step {r['stage']} {r['amp']}: {r['img_per_s']:.0f} img/s, loss share {100 * r['ours']['loss_share']:.1f}%")
