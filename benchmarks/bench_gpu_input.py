@@ -229,7 +229,11 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=0, help="samples to generate without --data")
     ap.add_argument("--workers", type=int, default=0, help="decode workers (0: the stream's default)")
     ap.add_argument("--stages", default="1,3")
-    ap.add_argument("--profile-steps", type=int, default=10)
+    ap.add_argument(
+        "--profile-steps",
+        default="5,10",
+        help="stage 1, stage 3: last steps of each epoch under the profiler",
+    )
     ap.add_argument(
         "--alt-workers",
         default="12,8",
@@ -254,6 +258,7 @@ def main() -> None:
             "command": " ".join(sys.argv),
         }
         alt = [int(x) for x in args.alt_workers.split(",")] + [0, 0]
+        nprof = [int(x) for x in args.profile_steps.split(",")] * 2
         if args.quick:
             alt = [2, 2]
         for st in args.stages.split(","):
@@ -266,7 +271,7 @@ def main() -> None:
                     64 if args.quick else 512,
                     dev,
                     args.workers,
-                    args.profile_steps,
+                    nprof[0],
                     alt[0],
                 )
             elif st == "3":
@@ -278,7 +283,7 @@ def main() -> None:
                     16 if args.quick else 64,
                     dev,
                     args.workers,
-                    args.profile_steps,
+                    nprof[1],
                     alt[1],
                 )
             name = f"bench_gpu_input_{dev.type}" + (f"_{args.tag}" if args.tag else "")

@@ -74,7 +74,7 @@ $PY -c "import kornia, pytorch_msssim, simplejpeg; print('kornia', kornia.__vers
 # data (all cores) with the CUDA tests of the new code beside it (they compile the SSIM: warms the cache)
 TESTS="tests/test_losses.py tests/data/test_device_feed.py"
 [ $SMOKE = 1 ] && TESTS="tests/data/test_device_feed.py"
-(timeout -k 5 150 $PY -m pytest -q -p no:cacheprovider $TESTS >"$OUT/tests.log" 2>&1; echo "tests rc=$?" >>"$OUT/tests.log") &
+(timeout -k 5 100 $PY -m pytest -q -p no:cacheprovider $TESTS >"$OUT/tests.log" 2>&1; echo "tests rc=$?" >>"$OUT/tests.log") &
 TPID=$!
 part data 150 $PY -c "
 import time; t = time.time()
