@@ -103,12 +103,18 @@ def stage(
     workers: int,
     n_prof: int,
     alt_workers: int = 0,
+    preload: int = 0,
 ) -> dict:
     cuda = dev.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     man = mf.load(root)
     cfg = StreamConfig(
-        data=root, image_size=size, global_batch_size=G, chunks=[Chunk(0, man.id_end, 5)], workers=workers
+        data=root,
+        image_size=size,
+        global_batch_size=G,
+        chunks=[Chunk(0, man.id_end, 5)],
+        workers=workers,
+        decoded_preload_bytes=preload,
     )
     clear_process_caches()
     s = DataStream(cfg)
@@ -188,6 +194,7 @@ def stage(
         "channels_last": policy.channels_last,
         "decode_workers": s._workers,
         "decode_backend": s._backend,
+        "decoded_preload": bool(preload),
         "stream_host_first_epoch_img_s": host_img_s[0],
         "stream_host_img_s": host_img_s[1],
         "stream_to_device_serial_img_s": stream_img_s[0],
@@ -240,6 +247,7 @@ def main() -> None:
         help="stage 1, stage 3: decode workers of an extra DeviceFeed epoch (0: none)",
     )
     ap.add_argument("--tag", default="")
+    ap.add_argument("--preload-bytes", type=int, default=0, help="decoded preload (epoch 1 fills it)")
     args = ap.parse_args()
     dev = torch.device(args.device)
     width = 4 if args.quick else 64
@@ -273,6 +281,7 @@ def main() -> None:
                     args.workers,
                     nprof[0],
                     alt[0],
+                    args.preload_bytes,
                 )
             elif st == "3":
                 res["stage3_224"] = stage(
@@ -285,6 +294,7 @@ def main() -> None:
                     args.workers,
                     nprof[1],
                     alt[1],
+                    args.preload_bytes,
                 )
             name = f"bench_gpu_input_{dev.type}" + (f"_{args.tag}" if args.tag else "")
             print("wrote", write_result(name, res), flush=True)
