@@ -104,6 +104,7 @@ def stage(
     n_prof: int,
     alt_workers: int = 0,
     preload: int = 0,
+    feed_thread: bool = False,
 ) -> dict:
     cuda = dev.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -112,7 +113,7 @@ def stage(
         data=root,
         image_size=size,
         global_batch_size=G,
-        chunks=[Chunk(0, man.id_end, 5)],
+        chunks=[Chunk(0, man.id_end, 6 if feed_thread else 5)],
         workers=workers,
         decoded_preload_bytes=preload,
     )
@@ -165,9 +166,16 @@ def stage(
     # epoch 5: the same through DeviceFeed (copy + finish of the next batches on a side stream)
     feed = DeviceFeed(s.epoch_batches(), prep, dev, state=s.state_dict)
     fed2, steps2, busy_feed = _fed(feed, step, n_prof, nb, sync, cuda)
+    thr = {}
+    if feed_thread:  # epoch 6: DeviceFeed's producer thread (next + copy + finish off the step's thread)
+        feed_t = DeviceFeed(s.epoch_batches(), prep, dev, state=s.state_dict, thread=True)
+        fed_t, _, busy_t = _fed(feed_t, step, n_prof, nb, sync, cuda)
+        thr = {"train_fed_device_feed_thread_img_s": fed_t, "gpu_busy_fed_device_feed_thread": busy_t}
     # resident: the same number of steps on a batch already on the device
     res, _, busy_res = _fed(iter([first] * nb), step, n_prof, nb, sync, cuda)
-    position_ok = feed.state_dict() == s.state_dict()
+    position_ok = (feed_t if feed_thread else feed).state_dict() == s.state_dict()
+    if thr:
+        thr["fed_device_feed_thread_vs_resident"] = thr["train_fed_device_feed_thread_img_s"] / res
     s.close()
     alt = {}
     if alt_workers:
@@ -210,6 +218,7 @@ def stage(
         "device_feed_position_matches_stream": position_ok,
         "finish_max_abs_err_vs_cpu": err,
         **alt,
+        **thr,
     }
     bf = lambda d: "n/a" if d.get("busy_frac") is None else f"{100 * d['busy_frac']:.0f}%"  # noqa: E731
     print(
@@ -217,6 +226,12 @@ def stage(
         f"{host_img_s[0]:.0f}), to device serially {stream_img_s[0]:.0f}; resident {res:.0f} img/s (busy {bf(busy_res)}); fed serial {fed:.0f} "
         f"({fed / res:.2f}x, busy {bf(busy_fed)}); fed DeviceFeed {fed2:.0f} ({fed2 / res:.2f}x, busy "
         f"{bf(busy_feed)}); feed==serial {feed_equal}"
+        + (
+            f"; DeviceFeed thread {thr['fed_device_feed_thread_vs_resident']:.2f}x "
+            f"(busy {bf(thr['gpu_busy_fed_device_feed_thread'])})"
+            if thr
+            else ""
+        )
         + (
             f"; DeviceFeed with {alt_workers} decode workers {alt['fed_device_feed_alt_workers_vs_resident']:.2f}x "
             f"(busy {bf(alt['gpu_busy_fed_device_feed_alt_workers'])})"
@@ -248,6 +263,9 @@ def main() -> None:
     )
     ap.add_argument("--tag", default="")
     ap.add_argument("--preload-bytes", type=int, default=0, help="decoded preload (epoch 1 fills it)")
+    ap.add_argument(
+        "--feed-thread", action="store_true", help="also an epoch through DeviceFeed(thread=True)"
+    )
     args = ap.parse_args()
     dev = torch.device(args.device)
     width = 4 if args.quick else 64
@@ -282,6 +300,7 @@ def main() -> None:
                     nprof[0],
                     alt[0],
                     args.preload_bytes,
+                    args.feed_thread,
                 )
             elif st == "3":
                 res["stage3_224"] = stage(
@@ -295,6 +314,7 @@ def main() -> None:
                     nprof[1],
                     alt[1],
                     args.preload_bytes,
+                    args.feed_thread,
                 )
             name = f"bench_gpu_input_{dev.type}" + (f"_{args.tag}" if args.tag else "")
             print("wrote", write_result(name, res), flush=True)

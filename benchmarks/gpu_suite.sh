@@ -86,7 +86,7 @@ echo "=== tests (CUDA paths of DeviceFeed and the compiled SSIM)"
 tail -4 "$OUT/tests.log"
 
 part p3_ssim 90 $PY benchmarks/bench_ssim.py --device $DEV $Q $TAG
-part p7_input 170 $PY benchmarks/bench_gpu_input.py --device $DEV --data "$DATA" $Q $TAG
+part p7_input 190 $PY benchmarks/bench_gpu_input.py --device $DEV --data "$DATA" --feed-thread $Q $TAG
 part step 120 $PY benchmarks/bench_step.py --device $DEV $Q $TAG
 part amp 100 $PY benchmarks/bench_gpu_amp.py --device $DEV --data "$DATA" $Q $TAG
 # quality gets what is left (minus 15 s to pack up), split 30/20/50 over the stages as wall budgets
@@ -123,7 +123,7 @@ for p in sorted(glob.glob("benchmarks/results/" + sys.argv[1] + ".json")):
         for k in ("stage1_56", "stage3_224"):
             r = d.get(k)
             if r:
-                print(f"P7 {k}: resident {r['train_resident_batch_img_s']:.0f}, serial {r['fed_serial_vs_resident']:.2f}x (busy {f(g(r, 'gpu_busy_fed_serial', 'busy_frac'))}), DeviceFeed {r['fed_device_feed_vs_resident']:.2f}x (busy {f(g(r, 'gpu_busy_fed_device_feed', 'busy_frac'))}), stream host {r['stream_host_img_s']:.0f} to-device {r['stream_to_device_serial_img_s']:.0f} img/s, equal={r['device_feed_batches_equal_serial']}")
+                print(f"P7 {k}: resident {r['train_resident_batch_img_s']:.0f}, serial {r['fed_serial_vs_resident']:.2f}x (busy {f(g(r, 'gpu_busy_fed_serial', 'busy_frac'))}), DeviceFeed {r['fed_device_feed_vs_resident']:.2f}x (busy {f(g(r, 'gpu_busy_fed_device_feed', 'busy_frac'))}), stream host {r['stream_host_img_s']:.0f} to-device {r['stream_to_device_serial_img_s']:.0f} img/s, equal={r['device_feed_batches_equal_serial']}" + (f", DeviceFeed thread {r['fed_device_feed_thread_vs_resident']:.2f}x" if 'fed_device_feed_thread_vs_resident' in r else ""))
     elif n.startswith("bench_step"):
         for r in d["rows"]:
             print(f"step {r['stage']} {r['amp']}: {r['img_per_s']:.0f} img/s, loss share {100 * r['ours']['loss_share']:.1f}% (kornia recipe {100 * g(r, 'kornia_recipe', 'loss_share'):.1f}%), syncs: {r.get('host_syncs_in_step', '-')[:20]}" if r.get("kornia_recipe") else f"step {r['stage']} {r['amp']}: {r['img_per_s']:.0f} img/s, loss share {100 * r['ours']['loss_share']:.1f}%")
