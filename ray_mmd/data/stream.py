@@ -73,6 +73,14 @@ class StreamConfig:
         """A stage's stream: the data section as it is, its chunk schedule and the resolved cache dir."""
         return cls(d, chunks, cache_dir=cache_dir, workers=d.decode_workers, preload_group=preload_group)
 
+    @classmethod
+    def for_url(cls, url: str, **kw) -> StreamConfig:
+        """A stream of `url` outside a run (benchmarks, tools): keywords naming a DataConfig field go to
+        the data section, the rest to the stream (chunks, workers, cache_dir, decoder, ...)."""
+        fields = {f.name for f in dataclasses.fields(DataConfig)} - {f.name for f in dataclasses.fields(cls)}
+        data = DataConfig(url=url, **{k: v for k, v in kw.items() if k in fields})
+        return cls(data, **{k: v for k, v in kw.items() if k not in fields})
+
     def with_data(self, **changes) -> StreamConfig:
         """This config with some data-section values changed."""
         return dataclasses.replace(self, data=dataclasses.replace(self.data, **changes))
