@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--split-seed", type=int, default=0)
     k.add_argument("--max-bad-fraction", type=float, default=0.01)
     k.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    k.add_argument(
+        "--overwrite", action="store_true", help="replace whatever DST holds (another dataset, foreign files)"
+    )
 
     i = dsub.add_parser("inspect", help="counts, splits, stats, quarantine; contact sheet PNG")
     i.add_argument("dst", help="packed dataset URL")
@@ -189,6 +192,7 @@ def _run(argv: list[str]) -> int:
             max_bad_fraction=args.max_bad_fraction,
             workers=args.workers,
             progress=True,
+            overwrite=args.overwrite,
         )
         print(
             f"packed {man.num_samples} samples into {len(man.shards)} shards at {args.dst} "

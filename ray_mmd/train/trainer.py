@@ -36,6 +36,7 @@ def ensure_data(cfg: TrainConfig) -> None:
     from ray_mmd.data import manifest as mf
 
     if storage.exists(storage.join(cfg.data.url, mf.MANIFEST_NAME)):
+        mf.load(cfg.data.url)  # malformed or foreign: one line here, not in every worker
         return
     if cfg.data.synthetic is None:
         storage.require(cfg.data.url, "dataset")
