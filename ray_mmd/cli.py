@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--split-seed", type=int, default=0)
     k.add_argument("--max-bad-fraction", type=float, default=0.01)
     k.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    k.add_argument(
+        "--overwrite", action="store_true", help="replace whatever DST holds (another dataset, foreign files)"
+    )
 
     i = dsub.add_parser("inspect", help="counts, splits, stats, quarantine; contact sheet PNG")
     i.add_argument("dst", help="packed dataset URL")
@@ -118,8 +121,6 @@ def summary(out: Any) -> str:
 
 def _fit(cfg: Any) -> int:
     """Connect, fit, print the summary; a failed or stopped run prints one line and returns 1."""
-    from ray.train import TrainingFailedError
-
     from ray_mmd.train import trainer
     from ray_mmd.train.metrics import NonFiniteLossError
 
@@ -128,7 +129,13 @@ def _fit(cfg: Any) -> int:
     except NonFiniteLossError as e:
         print(f"training stopped: {e}", file=sys.stderr)
         return 1
-    except TrainingFailedError as e:  # Ray has already logged the worker traceback
+    except Exception as e:
+        # not imported above: a user mistake found before Ray starts must not wait ~1 s for `import ray`
+        # (and a run that never imported ray.train cannot have failed in it)
+        ray_train = sys.modules.get("ray.train")
+        if ray_train is None or not isinstance(e, ray_train.TrainingFailedError):
+            raise
+        # Ray has already logged the worker traceback
         print(f"training failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e}", file=sys.stderr)
         return 1
     print(summary(out), flush=True)
@@ -137,15 +144,16 @@ def _fit(cfg: Any) -> int:
 
 def _pipeline(args: argparse.Namespace) -> int:
     """Stages 1, 2, 3 in order; stage N's parent is stage N-1's run. Each stage resumes if re-run."""
-    parent = None
-    for n, path in enumerate(args.configs.split(","), start=1):
+    parent, cfgs = None, []
+    for n, path in enumerate(args.configs.split(","), start=1):  # all three checked before stage 1 runs
         name = f"{args.run_name}-stage{n}" if args.run_name else None
-        cfg = train_config(args, config=path, stage=n, run_name=name, parent=parent)
+        cfgs.append((path, train_config(args, config=path, stage=n, run_name=name, parent=parent)))
+        parent = cfgs[-1][1].run.name
+    for n, (path, cfg) in enumerate(cfgs, start=1):
         print(f"== stage {n}: {path}", flush=True)
         rc = _fit(cfg)
         if rc:
             return rc
-        parent = cfg.run.name
     return 0
 
 
@@ -189,6 +197,7 @@ def _run(argv: list[str]) -> int:
             max_bad_fraction=args.max_bad_fraction,
             workers=args.workers,
             progress=True,
+            overwrite=args.overwrite,
         )
         print(
             f"packed {man.num_samples} samples into {len(man.shards)} shards at {args.dst} "

@@ -6,6 +6,7 @@ A wrong key or a bad value fails at start with a one-line UserError, never mid-r
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -27,7 +28,9 @@ UseGpu = Literal["auto", "true", "false"]
 
 @dataclass
 class SynthConfig:
-    """A synthetic dataset generated and packed on first use when `data.url` has no manifest."""
+    """A synthetic dataset generated and packed on first use when `data.url` has no manifest.
+
+    Only at the config's own `data.url`: a `--data` URL drops it (see `load`)."""
 
     samples: int = 600
     shard_size: int = 64
@@ -263,7 +266,22 @@ def load(path: str | None, overrides: list[str] | None = None) -> TrainConfig:
             raise UserError(f"config file {path!r} is not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(d, dict):
             raise UserError(f"config file {path!r} must hold a mapping at the top level")
-    return TrainConfig.from_dict(apply_overrides(d, overrides or []))
+    yaml_url = d["data"].get("url") if isinstance(d.get("data"), dict) else None
+    d = apply_overrides(d, overrides or [])
+    _synthetic_only_at_own_url(d, yaml_url, overrides or [])
+    return TrainConfig.from_dict(d)
+
+
+def _synthetic_only_at_own_url(d: dict[str, Any], yaml_url: Any, overrides: list[str]) -> None:
+    """`data.synthetic` is a recipe for the config's own `data.url`: a URL given on the command line
+    (`--data`, `data.url=`) must hold a packed dataset, so a typo is an error, never a new synthetic set.
+    Overriding `data.synthetic...` as well asks for one there explicitly."""
+    keys = {o.split("=", 1)[0].strip() for o in overrides if "=" in o}
+    if "data.url" not in keys or any(k == "data.synthetic" or k.startswith("data.synthetic.") for k in keys):
+        return
+    data = d.get("data")
+    if isinstance(data, dict) and data.get("url") != yaml_url:
+        data.pop("synthetic", None)
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -271,38 +289,109 @@ def _check(ok: bool, msg: str) -> None:
         raise UserError(msg)
 
 
+def _finite(node: Any, prefix: str = "") -> None:
+    """Every float anywhere in the config is finite: inf/nan parse as floats but no setting means them."""
+    for f in dataclasses.fields(node):
+        v, key = getattr(node, f.name), prefix + f.name
+        if dataclasses.is_dataclass(v):
+            _finite(v, key + ".")
+        elif isinstance(v, float) and not math.isfinite(v):
+            raise UserError(f"config {key}: {v} is not a finite number: give a plain number, e.g. 0.5")
+
+
+def _at_least(key: str, v: float | None, lo: float, note: str = "") -> None:
+    _check(v is None or v >= lo, f"config {key}: {v} is below the minimum of {lo}{note}")
+
+
+def _within(key: str, v: float, lo: float, hi: float, *, open_hi: bool = False) -> None:
+    ok = lo <= v < hi if open_hi else lo <= v <= hi
+    _check(ok, f"config {key}: {v} is not in [{lo}, {hi}{')' if open_hi else ']'}")
+
+
 def validate(cfg: TrainConfig) -> None:
-    """Value checks that types alone cannot express."""
-    d, r, o = cfg.data, cfg.run, cfg.optim
+    """Every value check types alone cannot express, field by field, so a run never starts with a value
+    that a worker would reject (or train into NaN) minutes later. Runs on the driver, before Ray."""
+    from ray_mmd.storage import safe_component
+
+    d, m, o, c, e, r, g = cfg.data, cfg.model, cfg.optim, cfg.checkpoint, cfg.eval, cfg.run, cfg.debug
+    _finite(cfg)
     _check(cfg.stage in (1, 2, 3), f"config stage: {cfg.stage} is not 1, 2 or 3")
-    _check(d.image_size >= 32, f"config data.image_size: {d.image_size} is below the minimum of 32")
-    _check(d.global_batch_size >= 1, "config data.global_batch_size: must be >= 1")
-    _check(
-        d.micro_batch_size is None or d.micro_batch_size >= 1, "config data.micro_batch_size: must be >= 1"
-    )
-    _check(d.epochs >= 1, "config data.epochs: must be >= 1")
-    _check(0.0 <= d.flip_p <= 1.0, "config data.flip_p: must be in [0, 1]")
-    _check(d.decode_workers >= 0, "config data.decode_workers: must be >= 0 (0 = cores / ranks per node)")
-    for c in d.chunks or []:
+    if cfg.parent is not None:
         _check(
-            len(c) in (2, 3) and c[0] < c[1] and (len(c) == 2 or c[2] >= 1),
-            f"config data.chunks: {c} is not [lo, hi, epochs] with lo < hi and epochs >= 1",
+            bool(cfg.parent.strip()), "config parent: empty: give stage N-1's run name or a checkpoint URL"
         )
-    _check(cfg.model.width >= 1, "config model.width: must be >= 1")
+        if "://" not in cfg.parent and "/" not in cfg.parent and "\\" not in cfg.parent:
+            safe_component(cfg.parent, "parent run name")  # a name under run.storage, not a path
+    # data
+    _check(bool(d.url.strip()), "config data.url: empty: give the packed dataset's URL (--data)")
+    _at_least("data.epochs", d.epochs, 1)
+    _at_least("data.image_size", d.image_size, 32)
+    _at_least("data.global_batch_size", d.global_batch_size, 1)
+    _at_least("data.micro_batch_size", d.micro_batch_size, 1, " (or null: the whole per-worker slice)")
+    _within("data.flip_p", d.flip_p, 0.0, 1.0)
+    _at_least("data.cache_bytes", d.cache_bytes, 0)
+    _at_least("data.decode_workers", d.decode_workers, 0, " (0 = cores / ranks per node)")
+    _at_least("data.decoded_preload_bytes", d.decoded_preload_bytes, 0, " (0 = off)")
+    _within("data.max_bad_fraction", d.max_bad_fraction, 0.0, 1.0)
+    _check(
+        d.cache_dir is None or bool(d.cache_dir.strip()),
+        "config data.cache_dir: empty: use a dir, auto or null",
+    )
+    for ch in d.chunks or []:
+        _check(
+            len(ch) in (2, 3) and 0 <= ch[0] < ch[1] and (len(ch) == 2 or ch[2] >= 1),
+            f"config data.chunks: {ch} is not [lo, hi, epochs] with 0 <= lo < hi and epochs >= 1",
+        )
+    _check(
+        d.chunks is None or len(d.chunks) > 0, "config data.chunks: empty list: use null for the whole set"
+    )
+    if d.synthetic is not None:
+        _at_least("data.synthetic.samples", d.synthetic.samples, 1)
+        _at_least("data.synthetic.shard_size", d.synthetic.shard_size, 1)
+        _at_least("data.synthetic.seed", d.synthetic.seed, 0)
+    # model, loss
+    _at_least("model.width", m.width, 1)
     _check_loss(cfg.loss)
-    _check(o.lr > 0, "config optim.lr: must be > 0")
+    # optimizer
+    _check(o.lr > 0, f"config optim.lr: {o.lr} must be > 0")
+    _at_least("optim.weight_decay", o.weight_decay, 0.0)
+    _within("optim.momentum", o.momentum, 0.0, 1.0, open_hi=True)
+    _within("optim.warmup_fraction", o.warmup_fraction, 0.0, 1.0)
+    _check(
+        o.grad_clip is None or o.grad_clip > 0,
+        f"config optim.grad_clip: {o.grad_clip} must be > 0 (a max gradient norm), or null to turn clipping off",
+    )
+    # checkpoints, eval
+    _at_least("checkpoint.every_steps", c.every_steps, 1)
+    _at_least("checkpoint.num_to_keep", c.num_to_keep, 2, " (fallback to an older one needs two)")
+    _at_least("eval.max_samples", e.max_samples, 1, " (or null: the whole test split)")
+    _at_least("eval.batch_size", e.batch_size, 1)
+    _at_least("eval.grid_rows", e.grid_rows, 1)
+    # run
+    safe_component(r.name, "run name")
+    _check(bool(r.storage.strip()), "config run.storage: empty: give a dir or gs://bucket/path (--storage)")
     _check(
         len(r.workers) in (1, 2)
         and (1 <= r.workers[0] <= r.workers[-1] or r.workers == [0] * len(r.workers)),
         f"config run.workers: {r.workers} is not MIN,MAX with 1 <= MIN <= MAX (or 0: in-process)",
     )
-    _check(r.log_every >= 1, "config run.log_every: must be >= 1")
-    _check(r.nan_abort_after >= 1, "config run.nan_abort_after: must be >= 1")
-    _check(cfg.checkpoint.every_steps >= 1, "config checkpoint.every_steps: must be >= 1")
+    _check(r.cpus_per_worker > 0, f"config run.cpus_per_worker: {r.cpus_per_worker} must be > 0")
+    _at_least("run.max_failures", r.max_failures, -1, " (-1 = unlimited)")
+    _at_least("run.max_preemption_failures", r.max_preemption_failures, -1, " (-1 = unlimited)")
     _check(
-        cfg.checkpoint.num_to_keep >= 2, "config checkpoint.num_to_keep: keep at least 2 (fallback needs one)"
+        r.elastic_resize_interval_s > 0,
+        f"config run.elastic_resize_interval_s: {r.elastic_resize_interval_s} must be > 0 seconds",
     )
-    _check(bool(r.name) and "/" not in r.name, f"config run.name: {r.name!r} must be non-empty, without '/'")
+    _at_least("run.log_every", r.log_every, 1)
+    _at_least("run.nan_abort_after", r.nan_abort_after, 1)
+    _check(r.ray_address is None or bool(r.ray_address.strip()), "config run.ray_address: empty: use null")
+    # debug hooks
+    _at_least("debug.kill_at_step", g.kill_at_step, 0)
+    _at_least("debug.fail_at_step", g.fail_at_step, 0)
+    _at_least("debug.kill_rank", g.kill_rank, 0)
+    _at_least("debug.step_sleep_s", g.step_sleep_s, 0.0)
+    for step in g.nan_at_steps or []:
+        _at_least("debug.nan_at_steps", step, 0)
 
 
 def _check_loss(loss: LossConfig) -> None:
@@ -314,3 +403,9 @@ def _check_loss(loss: LossConfig) -> None:
             parse_spec(spec)
         except LossSpecError as e:
             raise UserError(f"config loss.{key}: {e}") from None
+    _at_least("loss.mask_weight", loss.mask_weight, 0.0)
+    _at_least("loss.depth_weight", loss.depth_weight, 0.0)
+    _check(
+        loss.mask_weight + loss.depth_weight > 0,
+        "config loss: mask_weight and depth_weight are both 0, so nothing would be trained: set one > 0",
+    )

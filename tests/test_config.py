@@ -109,3 +109,25 @@ def test_choices_match_the_registries():
 
     assert sorted(get_args(config.ModelName)) == sorted(model_names())
     assert sorted(get_args(config.OptimizerName)) == sorted(_OPTIMIZERS)
+
+
+def test_every_float_must_be_finite_and_names_its_key():
+    for key in ("optim.lr", "optim.weight_decay", "loss.depth_weight", "data.flip_p", "run.cpus_per_worker"):
+        with pytest.raises(UserError, match=f"config {key}: (inf|-inf|nan) is not a finite number"):
+            config.load(None, [f"{key}=-inf"])
+    cfg = config.load(None, ["optim.grad_clip=null", "eval.max_samples=none", "run.max_failures=-1"])
+    assert cfg.optim.grad_clip is None and cfg.eval.max_samples is None and cfg.run.max_failures == -1
+
+
+def test_synthetic_is_only_for_the_configs_own_url(tmp_path):
+    demo = str(ROOT / "jobs" / "configs" / "demo.yaml")
+    assert config.load(demo).data.synthetic is not None
+    assert config.load(demo, ["data.url=data/demo"]).data.synthetic is not None  # the same URL
+    assert config.load(demo, [f"data.url={tmp_path}/typo"]).data.synthetic is None
+    # asking for it explicitly at another URL still works
+    cfg = config.load(demo, [f"data.url={tmp_path}/new", "data.synthetic.samples=64"])
+    assert cfg.data.synthetic is not None and cfg.data.synthetic.samples == 64
+    # a config that names both its own url and synthetic keeps them
+    p = tmp_path / "c.yaml"
+    p.write_text(f"data: {{url: {tmp_path}/mine, synthetic: {{samples: 10}}}}\n")
+    assert config.load(str(p)).data.synthetic is not None

@@ -17,6 +17,8 @@ import json
 import logging
 import math
 import os
+import posixpath
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -217,6 +219,71 @@ def _check_args(shard_size: int, test_fraction: float, max_bad_fraction: float) 
         raise UserError(f"--max-bad-fraction must be in [0, 1] (got {max_bad_fraction})")
 
 
+_OURS = {mf.MANIFEST_NAME, mf.BG_NAME, QUARANTINE_NAME, SHARD_DIR}  # what a pack writes at the top
+_SHARD_FILE = re.compile(r"^shard-(\d{5})\.(parquet|json)$")
+
+
+def _same_source(a: str, b: str) -> bool:
+    def norm(u: str) -> str:
+        u = u.rstrip("/")
+        return os.path.abspath(os.path.expanduser(u)) if "://" not in u else u
+
+    return norm(a) == norm(b)
+
+
+def _check_dst(src_url: str | None, dst_url: str) -> None:
+    """Refuse a destination that holds anything but an earlier (or partial) pack of this same source:
+    another dataset, another tool's manifest.json, or unrelated files (`--overwrite` skips this).
+    `src_url` None: any earlier ray-mmd pack may be replaced (make_synthetic's source is a new temp dir)."""
+    fix = "pack into a new folder, or pass --overwrite to replace it"
+    fs, root = storage.filesystem(dst_url)
+    try:
+        if not fs.exists(root):
+            return
+        if not fs.isdir(root):
+            raise UserError(
+                f"destination {dst_url!r} is a file, not a folder: choose a folder for the dataset"
+            )
+        names = {posixpath.basename(e.rstrip("/")) for e in fs.ls(root, detail=False)}
+    except OSError as e:
+        raise UserError(f"cannot read the destination {dst_url!r} ({e}): choose a readable folder") from None
+    man_url = storage.join(dst_url, mf.MANIFEST_NAME)
+    if mf.MANIFEST_NAME in names:
+        try:
+            prior = mf.Manifest.from_json(storage.read_bytes(man_url), root=dst_url)
+        except (UserError, OSError, ValueError):
+            raise UserError(f"{man_url} is not a ray-mmd manifest (another tool's file?): {fix}") from None
+        if src_url and prior.source and not _same_source(prior.source, src_url):
+            raise UserError(f"{dst_url!r} holds a different dataset (packed from {prior.source!r}): {fix}")
+        return
+    foreign = sorted(n for n in names if n not in _OURS and ".tmp-" not in n)
+    if foreign:
+        raise UserError(f"{dst_url!r} is not empty and holds no ray-mmd dataset (e.g. {foreign[0]!r}): {fix}")
+    if src_url and SHARD_DIR in names:  # a partial pack: its sidecars say which source it was
+        for e in sorted(fs.ls(posixpath.join(root, SHARD_DIR), detail=False)):
+            if e.endswith(".json") and _SHARD_FILE.match(posixpath.basename(e)):
+                try:
+                    src = json.loads(fs.cat_file(e)).get("key", {}).get("src", "")
+                except (OSError, ValueError, AttributeError):
+                    continue
+                if src and not _same_source(src, src_url):
+                    raise UserError(
+                        f"{dst_url!r} holds part of a different dataset (packed from {src!r}): {fix}"
+                    )
+                break
+
+
+def _remove_stale_shards(dst_url: str, keep: set[int]) -> None:
+    """Shards (and sidecars) of an earlier, larger pack that the new manifest no longer lists."""
+    fs, root = storage.filesystem(storage.join(dst_url, SHARD_DIR))
+    if not fs.exists(root):
+        return
+    for e in fs.ls(root, detail=False):
+        m = _SHARD_FILE.match(posixpath.basename(e.rstrip("/")))
+        if m and int(m.group(1)) not in keep:
+            fs.rm_file(e)
+
+
 def _prepare_dst(dst_url: str) -> None:
     """The destination exists and is writable, and no older manifest vouches for it any more."""
     if storage.split_url(dst_url)[0] == "gs":
@@ -363,13 +430,17 @@ def pack(
     max_bad_fraction: float = 0.01,
     workers: int | None = None,
     progress: bool = False,
+    overwrite: bool = False,
 ) -> mf.Manifest:
-    """Pack the layout at `src_url` into `dst_url`; re-running completes a partial pack, skipping verified shards."""
+    """Pack the layout at `src_url` into `dst_url`; re-running completes a partial pack, skipping verified
+    shards. A destination holding anything else (another dataset, foreign files) needs `overwrite`."""
     _check_args(shard_size, test_fraction, max_bad_fraction)
     layout = Layout(src_url)
     n = len(layout)
     if n == 0:
         raise UserError(f"{layout.csv_url!r} has no rows: nothing to pack")
+    if not overwrite:
+        _check_dst(src_url, dst_url)
     _prepare_dst(dst_url)
     bg_ids, bg_info, bg_hists = _pack_bgs(layout, dst_url)
     results, todo = _plan_shards(layout, src_url, dst_url, shard_size, bg_ids)
@@ -394,6 +465,7 @@ def pack(
             f"{quarantine[0]['reason']!r}); see {q_url}, fix the source or raise --max-bad-fraction"
         )
     man = _manifest(results, quarantine, n, (bg_info, bg_hists), src_url, dst_url, split_seed, test_fraction)
+    _remove_stale_shards(dst_url, set(results))  # before the manifest: a finished pack holds only its own
     man.save(dst_url)
     log.info(
         "packed %d samples (%d quarantined) into %d shards at %s",
@@ -419,6 +491,8 @@ def make_synthetic(
     unknown = set(synth_kw) - gen_keys - pack_keys
     if unknown:
         raise TypeError(f"make_synthetic got unknown keyword(s) {sorted(unknown)}")
+    if not synth_kw.get("overwrite"):
+        _check_dst(None, dst_url)  # foreign files or another tool's manifest: refused, as by `data pack`
     src = tempfile.mkdtemp(prefix="ray-mmd-src-")
     try:
         synth.generate(src, samples, seed=seed, **{k: v for k, v in synth_kw.items() if k in gen_keys})
@@ -426,7 +500,12 @@ def make_synthetic(
             src,
             dst_url,
             shard_size=shard_size,
-            **{k: v for k, v in synth_kw.items() if k in pack_keys and k not in ("src_url", "dst_url")},
+            overwrite=True,  # checked above; the temp source differs from any earlier pack's
+            **{
+                k: v
+                for k, v in synth_kw.items()
+                if k in pack_keys and k not in ("src_url", "dst_url", "overwrite")
+            },
         )
     finally:
         shutil.rmtree(src, ignore_errors=True)

@@ -52,7 +52,10 @@ def stage_of(cfg: TrainConfig) -> Stage:
 
 
 def run_url(cfg: TrainConfig, name: str | None = None) -> str:
-    return storage.join(cfg.run.storage, name or cfg.run.name)
+    """The run's folder: one safe name under run.storage (`..`, `.`, paths and URLs are refused)."""
+    return storage.join_under(
+        cfg.run.storage, storage.safe_component(name or cfg.run.name, "run name"), what="run name"
+    )
 
 
 def parent_checkpoint(cfg: TrainConfig) -> tuple[dict[str, Any], dict[str, Any], str]:
@@ -66,6 +69,11 @@ def parent_checkpoint(cfg: TrainConfig) -> tuple[dict[str, Any], dict[str, Any],
                 f"parent checkpoint {ref!r} is not usable ({e}): point parent= at another one"
             ) from None
         return state, meta, ref
+    if "/" in ref or "://" in ref:
+        raise UserError(
+            f"parent {ref!r} is a path but not a checkpoint folder: give stage {cfg.stage - 1}'s run name "
+            "(under run.storage) or a checkpoint URL ending in checkpoint_<step>"
+        )
     url = run_url(cfg, ref)
     if not ck.list_checkpoints(url):
         raise UserError(

@@ -36,6 +36,7 @@ def ensure_data(cfg: TrainConfig) -> None:
     from ray_mmd.data import manifest as mf
 
     if storage.exists(storage.join(cfg.data.url, mf.MANIFEST_NAME)):
+        mf.load(cfg.data.url)  # malformed or foreign: one line here, not in every worker
         return
     if cfg.data.synthetic is None:
         storage.require(cfg.data.url, "dataset")
@@ -139,6 +140,9 @@ def fit(cfg: TrainConfig) -> Outcome:
     """Run (or resume) one stage to the end of its data schedule (joins or starts Ray if needed)."""
     resolve_paths(cfg)
     stages.stage_of(cfg)
+    stages.run_url(cfg)  # the run folder stays inside run.storage
+    for url, what in ((cfg.run.storage, "run.storage URL"), (cfg.data.url, "dataset URL")):
+        storage.check_reachable(url, what=what)  # seconds and one line, not gcsfs's retries
     ensure_data(cfg)
     if cfg.parent:
         stages.parent_checkpoint(cfg)  # fail now, on the driver, if stage N-1 has nothing to give

@@ -323,3 +323,85 @@ def test_make_synthetic_generates_and_packs(tmp_path):
     assert man.test_fraction == 0.5 and mf.load(str(tmp_path / "d")).bg.rows == 3
     with pytest.raises(TypeError, match="unknown"):
         pack.make_synthetic(str(tmp_path / "e"), 5, 5, colour="red")
+
+
+# ---- the destination: another dataset, a foreign file, a smaller re-pack (issue 13), through the CLI ----
+
+
+@pytest.fixture(scope="module")
+def two_sources(tmp_path_factory):
+    """Two small, different sources (20 and 12 samples)."""
+    a, b = str(tmp_path_factory.mktemp("src_a")), str(tmp_path_factory.mktemp("src_b"))
+    synth.generate(a, 20, bgs=2, fgs=2, seed=1, workers=1)
+    synth.generate(b, 12, bgs=2, fgs=2, seed=2, workers=1)
+    return a, b
+
+
+def _pack_cli(capsys, src, dst, *extra) -> tuple[int, str]:
+    from ray_mmd import cli
+
+    rc = cli.main(["data", "pack", str(src), str(dst), "--workers", "1", *extra])
+    return rc, capsys.readouterr().err
+
+
+def _refused(capsys, tree_digest, tmp_path, src, dst, needle):
+    before = tree_digest(str(tmp_path))
+    rc, err = _pack_cli(capsys, src, dst)
+    assert rc == 2 and err.count("\n") == 1 and needle in err and "--overwrite" in err, err
+    assert tree_digest(str(tmp_path)) == before  # nothing written, nothing removed
+
+
+def test_pack_refuses_another_dataset_unless_overwrite(two_sources, tmp_path, capsys, tree_digest):
+    a, b = two_sources
+    dst = tmp_path / "p"
+    assert _pack_cli(capsys, a, dst, "--shard-size", "8")[0] == 0
+    _refused(capsys, tree_digest, tmp_path, b, dst, f"holds a different dataset (packed from '{a}')")
+    assert mf.load(str(dst)).source == a
+    assert _pack_cli(capsys, a, dst, "--shard-size", "8")[0] == 0  # the same source: a re-pack is fine
+    assert _pack_cli(capsys, b, dst, "--shard-size", "8", "--overwrite")[0] == 0
+    assert mf.load(str(dst)).source == b and mf.load(str(dst)).num_samples == 12
+
+
+def test_pack_refuses_another_tools_manifest_and_foreign_files(two_sources, tmp_path, capsys, tree_digest):
+    a, _ = two_sources
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "manifest.json").write_text('{"name": "webapp", "version": "1.0"}')
+    _refused(capsys, tree_digest, tmp_path, a, other, "is not a ray-mmd manifest (another tool's file?)")
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "thesis.tex").write_text("years of work")
+    _refused(
+        capsys,
+        tree_digest,
+        tmp_path,
+        a,
+        notes,
+        "is not empty and holds no ray-mmd dataset (e.g. 'thesis.tex')",
+    )
+    assert _pack_cli(capsys, a, other, "--overwrite")[0] == 0 and mf.load(str(other)).num_samples == 20
+    # make_synthetic (the demo config's first use) refuses the same way
+    with pytest.raises(UserError, match="holds no ray-mmd dataset"):
+        pack.make_synthetic(str(notes), 10, 5, bgs=2, fgs=2, workers=1)
+    assert os.listdir(notes) == ["thesis.tex"]
+
+
+def test_pack_refuses_a_partial_pack_of_another_source(two_sources, tmp_path, capsys, tree_digest):
+    a, b = two_sources
+    dst = tmp_path / "p"
+    assert _pack_cli(capsys, a, dst, "--shard-size", "8")[0] == 0
+    (dst / "manifest.json").unlink()  # as a killed packer leaves it: sidecars, no manifest
+    _refused(capsys, tree_digest, tmp_path, b, dst, f"holds part of a different dataset (packed from '{a}')")
+    assert _pack_cli(capsys, a, dst, "--shard-size", "8")[0] == 0  # its own source completes it
+
+
+def test_smaller_repack_removes_shards_it_no_longer_lists(two_sources, tmp_path, capsys):
+    a, _ = two_sources
+    dst = tmp_path / "p"
+    assert _pack_cli(capsys, a, dst, "--shard-size", "4")[0] == 0  # 5 shards
+    assert len(list((dst / "shards").glob("*.parquet"))) == 5
+    assert _pack_cli(capsys, a, dst, "--shard-size", "8")[0] == 0  # 3 shards
+    man = mf.load(str(dst))
+    on_disk = sorted(p.name for p in (dst / "shards").iterdir())
+    assert on_disk == sorted(n for s in man.shards for n in (s.path[7:], s.path[7:-8] + ".json"))
+    assert len(man.shards) == 3 and man.num_samples == 20

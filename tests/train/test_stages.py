@@ -62,3 +62,28 @@ def test_parent_by_checkpoint_url_and_width_mismatch(tmp_path):
     wide = _cfg(tmp_path, "stage=2", "model.name=unet224", "parent=s1", "model.width=8")
     with pytest.raises(UserError, match="does not fit"):
         stages.init_from_parent(build_model("unet224", width=8), wide)
+
+
+def test_run_url_stays_under_the_storage_root(tmp_path):
+    cfg = _cfg(tmp_path, "run.name=s1")
+    assert stages.run_url(cfg) == str(tmp_path / "s1")
+    gs = load(None, ["run.storage=gs://b/runs", "run.name=s1"])
+    assert stages.run_url(gs) == "gs://b/runs/s1"
+    for name in ("..", ".", "../x", "/etc", "gs://other/x", "a\\b"):
+        cfg.run.name = name  # past validation (e.g. a config edited in code): still refused here
+        with pytest.raises(UserError, match="run name") as e:
+            stages.run_url(cfg)
+        assert "\n" not in str(e.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_fit_refuses_an_escaping_run_name_before_writing(tmp_path, packed_dataset):
+    """trainer.fit on a config whose name was set after validation writes nothing outside the root."""
+    from ray_mmd.train import trainer
+
+    root = tmp_path / "root"
+    cfg = load(None, [f"run.storage={root}", f"data.url={packed_dataset}", "run.workers=0"])
+    cfg.run.name = ".."
+    with pytest.raises(UserError, match="run name '..' is a relative path"):
+        trainer.fit(cfg)
+    assert list(tmp_path.iterdir()) == []
