@@ -52,6 +52,11 @@ def ray_head(tmp_path_factory):
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dash}",
             f"--temp-dir={tmp}",
+            # own agent ports: another Ray on this host may hold the defaults (then no job agent answers)
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
             "--disable-usage-stats",
         ],
         env=env,
@@ -61,6 +66,7 @@ def ray_head(tmp_path_factory):
     )
     try:
         wait_for_port(dash, timeout=90)
+        _wait_for_job_agent(env, f"http://127.0.0.1:{dash}", timeout=90)
         yield {"env": env, "gcs": f"127.0.0.1:{port}", "http": f"http://127.0.0.1:{dash}", "tmp": tmp}
     finally:
         # the process group we created: `ray start --block` and every Ray process of this node
@@ -74,6 +80,25 @@ def ray_head(tmp_path_factory):
         proc.wait()
         log.close()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _wait_for_job_agent(env: dict, address: str, timeout: float) -> None:
+    """Right after start the job API answers "No available agent to submit job": submit a no-op job
+    (no working dir) until one is accepted, as cluster/local_cluster.sh start does."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", address, "--no-wait", "--", "true"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if r.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"job agent not ready after {timeout}s: {r.stderr[-500:]}")
+        time.sleep(1)
 
 
 def tempfile_short() -> str:
