@@ -106,8 +106,11 @@ def _use_gpu(cfg: TrainConfig) -> bool:
     return ray.cluster_resources().get("GPU", 0) >= 1
 
 
-def build_trainer(cfg: TrainConfig):
-    """TorchTrainer for `cfg` (already validated, paths resolved)."""
+def build_trainer(
+    cfg: TrainConfig, callbacks: list | None = None, resources_per_worker: dict[str, float] | None = None
+):
+    """TorchTrainer for `cfg` (already validated, paths resolved); `callbacks` go into the RunConfig
+    (Tune's report callback), `resources_per_worker` replaces {CPU: run.cpus_per_worker} (GPU fractions)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -118,7 +121,7 @@ def build_trainer(cfg: TrainConfig):
     scaling = ray.train.ScalingConfig(
         num_workers=(lo, hi) if lo < hi else hi,
         use_gpu=_use_gpu(cfg) if hi else False,
-        resources_per_worker={"CPU": r.cpus_per_worker},
+        resources_per_worker=resources_per_worker or {"CPU": r.cpus_per_worker},
         elastic_resize_monitor_interval_s=r.elastic_resize_interval_s,
     )
     fs, path = storage.pyarrow_filesystem(r.storage)
@@ -132,6 +135,7 @@ def build_trainer(cfg: TrainConfig):
         ),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
         worker_runtime_env={"env_vars": env} if env else None,
+        callbacks=callbacks,
     )
     return TorchTrainer(
         train_loop_per_worker,
