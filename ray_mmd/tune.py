@@ -620,11 +620,12 @@ def check_resume(sw: Sweep, resume: bool) -> bool:
 
 
 def _connect(sw: Sweep) -> bool:
-    """Join RAY_ADDRESS (or sweep base run.ray_address), or start a local Ray; True if we started it.
+    """Join RAY_ADDRESS (or the base config's run.ray_address), or start a local Ray; True if we started it.
 
-    Unlike a single training run, a sweep's local Ray keeps its dashboard: Train V2 frees the resources of
-    a trial that ASHA stopped through the state API it serves (PlacementGroupCleaner); without it the
-    stopped trial's workers' CPUs stay reserved and later trials never start."""
+    The job's processes get RAY_ADDRESS too: Train V2 frees a stopped trial's resources from a detached
+    PlacementGroupCleaner that finds the cluster through it (else through /tmp/ray/ray_current_cluster,
+    which names whichever cluster started last on the machine); without it a trial that ASHA stopped
+    keeps its workers' CPUs reserved and later trials never start."""
     import ray
 
     from ray_mmd.train.trainer import _PROPAGATE_ENV
@@ -632,18 +633,35 @@ def _connect(sw: Sweep) -> bool:
     if ray.is_initialized():
         return False
     env = {k: os.environ[k] for k in _PROPAGATE_ENV if k in os.environ}
-    renv = {"env_vars": env} if env else None
     address = trial_config(sw.base, {}).run.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env=renv, log_to_driver=False)
+        if "://" not in address and address != "auto":
+            env["RAY_ADDRESS"] = address
+        ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=False)
         return False
-    ray.init(
-        address="local",
-        num_cpus=os.cpu_count() or 1,
-        include_dashboard=True,
-        runtime_env=renv,
-        log_to_driver=False,
-    )
+    import socket
+
+    with socket.socket() as so:  # the GCS port, chosen here so that the job's env can name it
+        so.bind(("", 0))
+        port = so.getsockname()[1]
+    env["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{port}"
+    old = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    try:
+        ray.init(
+            address="local",
+            num_cpus=os.cpu_count() or 1,
+            include_dashboard=True,  # the state API the cleaner asks whether a controller is alive
+            runtime_env={"env_vars": env},
+            log_to_driver=False,
+        )
+    finally:
+        if old is None:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+        else:
+            os.environ["RAY_GCS_SERVER_PORT"] = old
+    if ray.get_runtime_context().gcs_address != env["RAY_ADDRESS"]:
+        log.warning("Ray's GCS is at %s, not %s", ray.get_runtime_context().gcs_address, env["RAY_ADDRESS"])
     return True
 
 
