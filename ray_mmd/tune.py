@@ -477,7 +477,11 @@ def _trial_fn(config: dict[str, Any], plan: dict[str, Any]) -> None:
     trainer = build_trainer(
         cfg, callbacks=[_tune_report_callback_cls()(evals, trial_url)], resources_per_worker=res
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Exception as e:  # recorded for the leaderboard; Tune marks the trial errored (resumed on restore)
+        event(trial_url, "error", f"{type(e).__name__}: {str(e).strip().splitlines()[-1:] or ''}")
+        raise
     if storage.exists(aborted):  # a NaN streak: a result, not an error to retry (it would recur)
         event(trial_url, "aborted", storage.read_bytes(aborted).decode())
         log.warning("trial %s stopped on non-finite losses: %s", trial_id, NonFiniteLossError.__name__)
@@ -747,6 +751,8 @@ def leaderboard(url: str) -> dict[str, Any]:
         steps = int(last.get("step", 0))
         if ev.get("aborted"):
             status = "aborted (non-finite loss)"
+        elif ev.get("error", 0) >= ev.get("start", 0) > 0 and steps < total:
+            status = "error"
         elif steps >= total:
             status = "completed"
         elif ev.get("done"):
