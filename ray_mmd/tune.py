@@ -477,9 +477,12 @@ def _trial_fn(config: dict[str, Any], plan: dict[str, Any]) -> None:
     trainer = build_trainer(
         cfg, callbacks=[_tune_report_callback_cls()(evals, trial_url)], resources_per_worker=res
     )
+    from ray.train import TrainingFailedError
+
     try:
         trainer.fit()
-    except Exception as e:  # recorded for the leaderboard; Tune marks the trial errored (resumed on restore)
+    except TrainingFailedError as e:  # out of retries; Tune marks the trial errored (resumed on restore)
+        # (other exceptions here are the teardown of a trial Tune stopped: its actors die under fit())
         event(trial_url, "error", f"{type(e).__name__}: {str(e).strip().splitlines()[-1:] or ''}")
         raise
     if storage.exists(aborted):  # a NaN streak: a result, not an error to retry (it would recur)
