@@ -184,6 +184,7 @@ def _by_index(board: dict) -> list[dict]:
     return sorted(board["trials"], key=lambda r: r["trial"].rsplit("_", 1)[1])
 
 
+@pytest.mark.slow
 def test_sweep_asha_leaderboard_export_trains(head, packed_dataset, tmp_path, capsys):
     """4 trials (2 mask losses x LR 0.01 / 1e-6, the hopeless ones last), ASHA from epoch 2 of 4.
 
@@ -243,6 +244,7 @@ def _complete_ckpt(run: Path) -> int:
     return int(st.CKPT_RE.match(Path(done[0]).name).group(1)) if done else -1
 
 
+@pytest.mark.slow
 def test_worker_and_driver_killed_sweep_finishes_without_rerunning(head, packed_dataset, tmp_path):
     """3 trials one at a time: trial 0's worker is SIGKILLed at step 3 (Ray Train restores it inside the
     trial); the driver is SIGKILLed while trial 1 runs; the same command finishes the sweep."""
