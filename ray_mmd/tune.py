@@ -479,17 +479,45 @@ def _trial_fn(config: dict[str, Any], plan: dict[str, Any]) -> None:
     )
     from ray.train import TrainingFailedError
 
+    fitting = _end_train_run_when_tune_stops()
     try:
         trainer.fit()
     except TrainingFailedError as e:  # out of retries; Tune marks the trial errored (resumed on restore)
         # (other exceptions here are the teardown of a trial Tune stopped: its actors die under fit())
         event(trial_url, "error", f"{type(e).__name__}: {str(e).strip().splitlines()[-1:] or ''}")
         raise
+    finally:
+        fitting.set()
     if storage.exists(aborted):  # a NaN streak: a result, not an error to retry (it would recur)
         event(trial_url, "aborted", storage.read_bytes(aborted).decode())
         log.warning("trial %s stopped on non-finite losses: %s", trial_id, NonFiniteLossError.__name__)
         return
     event(trial_url, "done")
+
+
+def _end_train_run_when_tune_stops():
+    """When Tune stops this trial (ASHA), end the process, and with it the Train controller it owns and
+    that controller's workers. A graceful actor exit would wait for fit(), whose run would then train
+    on to its full budget, holding the resources ASHA meant to free. Returns the event to set once
+    fit() has returned on its own."""
+    import threading
+
+    from ray.train._internal.session import get_session
+
+    session, done = get_session(), threading.Event()
+    if session is None:
+        return done
+
+    def watch() -> None:
+        while not done.is_set():
+            if session.stop_event.wait(0.5) and not done.is_set():
+                time.sleep(1.0)  # let stop() answer Tune first
+                if not done.is_set():
+                    os._exit(0)
+                return
+
+    threading.Thread(target=watch, name="tune-stop-watch", daemon=True).start()
+    return done
 
 
 def _trainable(sw: Sweep):
