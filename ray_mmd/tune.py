@@ -377,12 +377,12 @@ def score_of(m: dict[str, Any]) -> float:
 
 def eval_steps(cfg: TrainConfig, man: Any) -> list[int]:
     """Global steps at which a trial of `cfg` evaluates (each epoch's end, over the chunk schedule)."""
-    from ray_mmd.train.loop import chunk_schedule
+    from ray_mmd.train.inputs import chunk_schedule
 
     out, step, g = [], 0, cfg.data.global_batch_size
-    for lo, hi, e in chunk_schedule(cfg, man):
-        per = len(man.sample_ids("train", lo, hi)) // g
-        for _ in range(e):
+    for c in chunk_schedule(cfg, man):
+        per = len(man.sample_ids("train", c.lo, c.hi)) // g
+        for _ in range(c.epochs):
             step += per
             out.append(step)
     return out
@@ -448,7 +448,7 @@ def _trial_fn(config: dict[str, Any], plan: dict[str, Any]) -> None:
 
     from ray_mmd.data import manifest as mf
     from ray_mmd.train import stages
-    from ray_mmd.train.loop import ABORTED, NonFiniteLossError
+    from ray_mmd.train.loop import ABORTED
     from ray_mmd.train.trainer import build_trainer
 
     trial_id = ray.tune.get_context().get_trial_id()
@@ -490,7 +490,7 @@ def _trial_fn(config: dict[str, Any], plan: dict[str, Any]) -> None:
         fitting.set()
     if storage.exists(aborted):  # a NaN streak: a result, not an error to retry (it would recur)
         event(trial_url, "aborted", storage.read_bytes(aborted).decode())
-        log.warning("trial %s stopped on non-finite losses: %s", trial_id, NonFiniteLossError.__name__)
+        log.warning("trial %s stopped on non-finite losses", trial_id)
         return
     event(trial_url, "done")
 
@@ -663,16 +663,20 @@ def _connect(sw: Sweep) -> bool:
     keeps its workers' CPUs reserved and later trials never start."""
     import ray
 
-    from ray_mmd.train.trainer import _PROPAGATE_ENV
+    from ray_mmd.train.trainer import _PROPAGATE_ENV, _quiet_ray
 
     if ray.is_initialized():
         return False
     env = {k: os.environ[k] for k in _PROPAGATE_ENV if k in os.environ}
-    address = trial_config(sw.base, {}).run.ray_address or os.environ.get("RAY_ADDRESS")
+    base = trial_config(sw.base, {})
+    quiet = {} if base.run.verbose else _quiet_ray()
+    address = base.run.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
         if "://" not in address and address != "auto":
             env["RAY_ADDRESS"] = address
-        ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=False)
+        ray.init(
+            address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=False, **quiet
+        )
         return False
     import socket
 
@@ -689,6 +693,7 @@ def _connect(sw: Sweep) -> bool:
             include_dashboard=True,  # the state API the cleaner asks whether a controller is alive
             runtime_env={"env_vars": env},
             log_to_driver=False,
+            **quiet,
         )
     finally:
         if old is None:

@@ -23,7 +23,7 @@ import yaml
 
 from ray_mmd import cli, tune
 from ray_mmd.data import manifest as mf
-from ray_mmd.train import state as st
+from ray_mmd.train import checkpoint as st
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
