@@ -193,7 +193,8 @@ def test_sweep_asha_leaderboard_export_trains(head, packed_dataset, tmp_path, ca
     does not move stays at its initial score, which the LR-0.01 trials beat by epoch 2."""
     f = _write(
         tmp_path / "s.yaml",
-        _base(packed_dataset, **{"data.epochs": 4, "checkpoint.every_steps": 100}),
+        # 0.4 s a step: an epoch takes longer than Tune needs to act on ASHA's stop (a few seconds)
+        _base(packed_dataset, **{"data.epochs": 4, "checkpoint.every_steps": 100, "debug.step_sleep_s": 0.4}),
         {"loss.mask": {"grid": ["l1+dice", "bce"]}, "optim.lr": {"grid": [0.01, 1e-6]}},
         max_concurrent_trials=2,
         asha={"grace_period": 2, "reduction_factor": 2},
