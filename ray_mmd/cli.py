@@ -1,4 +1,5 @@
-"""The `ray-mmd` command line, all of its argument parsing: `train`, `pipeline`, `data synth|pack|inspect`.
+"""The `ray-mmd` command line, all of its argument parsing: `train`, `pipeline`, `data synth|pack|inspect`,
+`tune run|leaderboard|export` (sweeps).
 
 A UserError ends the command with its one-line message on stderr and exit code 2, no traceback; a run
 that fails or stops on a NaN streak exits 1 with one line; anything else is a bug and keeps its traceback.
@@ -74,6 +75,23 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--png", default=None, help="write a contact sheet (fg_bg | bg | mask | depth) here")
     i.add_argument("--samples", type=int, default=6, help="rows in the contact sheet")
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    # -- tune: sweeps (ray_mmd/tune.py) --
+    tn = sub.add_parser(
+        "tune", parents=[verbose], help="Ray Tune sweeps: run (or resume), leaderboard, export the winner"
+    )
+    tsub = tn.add_subparsers(dest="tune_cmd", required=True)
+    tr = tsub.add_parser("run", parents=[verbose], help="run a sweep; the same command again resumes it")
+    tr.add_argument("--config", required=True, help="sweep YAML (jobs/configs/sweep*.yaml)")
+    tr.add_argument("--name", help="experiment name (default: sweep.name)")
+    tr.add_argument("--storage", help="where experiments live: local dir, Drive path or gs://bucket/path")
+    tr.add_argument("--resume", action="store_true", help="require an existing experiment to resume")
+    tb = tsub.add_parser("leaderboard", help="rebuild and print an experiment's leaderboard")
+    tb.add_argument("experiment", help="experiment directory (STORAGE/NAME)")
+    te = tsub.add_parser("export", help="write the best trial as a stage YAML for jobs/stage1.py --config")
+    te.add_argument("experiment", help="experiment directory (STORAGE/NAME)")
+    te.add_argument("--out", required=True, help="output YAML path")
+    te.add_argument("--run-name", help="run.name in the exported config (default: NAME-best)")
     return p
 
 
@@ -157,6 +175,16 @@ def _pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from ray_mmd import tune
+
+    if args.tune_cmd == "run":
+        return tune.cli_run(args.config, args.name, args.storage, args.resume)
+    if args.tune_cmd == "leaderboard":
+        return tune.cli_board(args.experiment)
+    return tune.cli_export(args.experiment, args.out, args.run_name)
+
+
 def _run(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     verbose = getattr(args, "verbose", False)
@@ -171,6 +199,8 @@ def _run(argv: list[str]) -> int:
         return _fit(cfg)
     if args.cmd == "pipeline":
         return _pipeline(args)
+    if args.cmd == "tune":
+        return _tune(args)
     if args.data_cmd == "synth":
         from ray_mmd.data import synth
 

@@ -1,4 +1,5 @@
-"""Prediction grids as PNG: one row per sample, columns fg_bg | bg | mask GT | mask pred | depth GT | depth pred."""
+"""PNG figures: prediction grids (one row per sample: fg_bg | bg | mask GT | mask pred | depth GT | depth pred)
+and sweep curves (score vs step per trial)."""
 
 from __future__ import annotations
 
@@ -57,6 +58,72 @@ def prediction_grid(
     draw = ImageDraw.Draw(im)
     for c, name in enumerate(COLUMNS):
         draw.text((c * (w + pad) + 2, 1), name if w >= 48 else name.split()[0][:6], fill=(0, 0, 0))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+_PALETTE = [
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
+]  # fmt: skip
+
+
+def sweep_curves(
+    curves: dict[str, list[list[float]]], stopped: set[str] | None = None, title: str = "score vs step"
+) -> bytes:
+    """PNG bytes of one line per trial (score against global step; lower is better). Trials in `stopped`
+    are dashed and end with an x, so early-stopped trials read as the shorter lines they are."""
+    stopped = stopped or set()
+    w, h, left, right, top, bottom = 760, 420, 60, 20, 24, 36
+    legend_h = 14 * len(curves) + 6
+    im = Image.new("RGB", (w, h + legend_h), (255, 255, 255))
+    d = ImageDraw.Draw(im)
+    pts = [(s, v) for c in curves.values() for s, v in c if np.isfinite(v) and v < 1e5]
+    xmax = max([s for s, _ in pts], default=1) or 1
+    ylo, yhi = (min(v for _, v in pts), max(v for _, v in pts)) if pts else (0.0, 1.0)
+    if yhi - ylo < 1e-9:
+        ylo, yhi = ylo - 0.5, yhi + 0.5
+    pad = 0.05 * (yhi - ylo)
+    ylo, yhi = ylo - pad, yhi + pad
+
+    def xy(s: float, v: float) -> tuple[float, float]:
+        v = min(max(v, ylo), yhi)
+        return (left + (w - left - right) * s / xmax, top + (h - top - bottom) * (yhi - v) / (yhi - ylo))
+
+    d.rectangle([left, top, w - right, h - bottom], outline=(0, 0, 0))
+    for i in range(5):  # axis ticks
+        v = ylo + (yhi - ylo) * i / 4
+        y = xy(0, v)[1]
+        d.line([left - 4, y, left, y], fill=(0, 0, 0))
+        d.text((2, y - 6), f"{v:.3f}", fill=(0, 0, 0))
+        s = xmax * i / 4
+        x = xy(s, ylo)[0]
+        d.line([x, h - bottom, x, h - bottom + 4], fill=(0, 0, 0))
+        d.text((x - 8, h - bottom + 6), f"{s:.0f}", fill=(0, 0, 0))
+    d.text((left, 4), f"{title} (lower is better)", fill=(0, 0, 0))
+    d.text((w - right - 60, h - 14), "global step", fill=(0, 0, 0))
+    for k, (name, c) in enumerate(curves.items()):
+        col = _PALETTE[k % len(_PALETTE)]
+        seq = [xy(s, v if np.isfinite(v) and v < 1e5 else yhi) for s, v in c]
+        dashed = name in stopped
+        for a, b in zip(seq, seq[1:], strict=False):
+            if dashed:  # dashes: every other tenth of the segment
+                for j in range(0, 10, 2):
+                    p0 = (a[0] + (b[0] - a[0]) * j / 10, a[1] + (b[1] - a[1]) * j / 10)
+                    p1 = (a[0] + (b[0] - a[0]) * (j + 1) / 10, a[1] + (b[1] - a[1]) * (j + 1) / 10)
+                    d.line([p0, p1], fill=col, width=2)
+            else:
+                d.line([a, b], fill=col, width=2)
+        for x, y in seq:
+            d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=col)
+        if dashed and seq:
+            x, y = seq[-1]
+            d.line([x - 5, y - 5, x + 5, y + 5], fill=col, width=2)
+            d.line([x - 5, y + 5, x + 5, y - 5], fill=col, width=2)
+        ly = h + 4 + 14 * k
+        d.line([left, ly + 6, left + 20, ly + 6], fill=col, width=3)
+        d.text((left + 26, ly), name + ("  (stopped early)" if dashed else ""), fill=(0, 0, 0))
     buf = io.BytesIO()
     im.save(buf, format="PNG")
     return buf.getvalue()

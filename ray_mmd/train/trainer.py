@@ -91,9 +91,15 @@ def _use_gpu(cfg: TrainConfig) -> bool:
     return ray.cluster_resources().get("GPU", 0) >= 1
 
 
-def build_trainer(cfg: TrainConfig, *, callbacks: list[Any] | None = None):
+def build_trainer(
+    cfg: TrainConfig,
+    *,
+    callbacks: list[Any] | None = None,
+    resources_per_worker: dict[str, float] | None = None,
+):
     """TorchTrainer for `cfg` (already validated, paths resolved); `callbacks`: extra RunConfig callbacks
-    (e.g. Tune's TuneReportCallback)."""
+    (e.g. Tune's TuneReportCallback); `resources_per_worker` replaces {CPU: run.cpus_per_worker} (a sweep's
+    GPU fractions)."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -104,7 +110,7 @@ def build_trainer(cfg: TrainConfig, *, callbacks: list[Any] | None = None):
     scaling = ray.train.ScalingConfig(
         num_workers=(lo, hi) if lo < hi else hi,
         use_gpu=_use_gpu(cfg) if hi else False,
-        resources_per_worker={"CPU": r.cpus_per_worker},
+        resources_per_worker=resources_per_worker or {"CPU": r.cpus_per_worker},
         elastic_resize_monitor_interval_s=r.elastic_resize_interval_s,
     )
     fs, path = storage.pyarrow_filesystem(r.storage)
