@@ -245,7 +245,7 @@ def _pyspy_when_steady(work: str, name: str, probe: str, spe: int, seconds: floa
         }
         procs = [
             subprocess.Popen(
-                [str(Path(sys.executable).with_name("py-spy")), "record", "-p", str(pid), "-d", str(seconds)]
+                [str(Path(sys.executable).with_name("py-spy")), "record", "-p", str(pid), "-d", str(int(seconds))]
                 + ["-r", "100", "--nonblocking", "--threads", "--idle", "--format", "raw"]
                 + ["-o", os.path.join(work, f"pyspy_{role}.txt")],
                 stdout=subprocess.DEVNULL,
