@@ -10,8 +10,9 @@ started the way `ray-mmd train` starts it (`trainer.connect_ray`). Phases, from 
   train context   -> "Train context initialized" (torch.distributed / backend setup on the worker)
   launch          -> the training function starts on the worker
   imports         -> `ray_mmd.train.loop` and what it pulls in are imported
-  setup           -> the checkpoint restore starts (manifest, stream, model built)
-  checkpoint      -> the checkpoint is found, verified, downloaded and loaded
+  setup           -> the checkpoint restore starts (manifest, stream built)
+  checkpoint      -> the checkpoint is found, verified, downloaded and loaded (model, optimizer built)
+  rest of setup   -> the step loop starts (loss, metrics log, TensorBoard writer)
   to first batch  -> the stream's first batch after the resume position is ready
   first step      -> the first step after the kill is logged (metrics.jsonl, log_every=1)
 
@@ -54,15 +55,19 @@ def _probe(config: dict) -> None:
     mark("fn_start")
     import ray_mmd.train.loop as loop_mod
     from ray_mmd.data import stream as stream_mod
-    from ray_mmd.train import state as st
+    from ray_mmd.train.checkpoint import Checkpointer
 
     mark("imported")
-    restore, batches, run_train = st.restore_latest, stream_mod.DataStream.epoch_batches, loop_mod._Run.train
+    find, load = Checkpointer.find, Checkpointer.load
+    batches, run_train = stream_mod.DataStream.epoch_batches, loop_mod.train
 
-    def timed_restore(*a, **k):
+    def timed_find(self, *a, **k):
         mark("ckpt_start")
+        return find(self, *a, **k)
+
+    def timed_load(self, *a, **k):
         try:
-            return restore(*a, **k)
+            return load(self, *a, **k)
         finally:
             mark("ckpt_end")
 
@@ -71,13 +76,13 @@ def _probe(config: dict) -> None:
             mark("first_batch")
             yield b
 
-    def timed_train(self, *a, **k):
+    def timed_train(*a, **k):
         mark("train_start")
-        return run_train(self, *a, **k)
+        return run_train(*a, **k)
 
-    st.restore_latest = timed_restore
+    Checkpointer.find, Checkpointer.load = timed_find, timed_load
     stream_mod.DataStream.epoch_batches = timed_batches
-    loop_mod._Run.train = timed_train
+    loop_mod.train = timed_train
     loop_mod.train_loop_per_worker(config)
 
 
@@ -153,6 +158,7 @@ def one_kill(data: str, tmp: str, i: int, session: str, extra: list[str]) -> dic
         ("imports", "imported"),
         ("setup", "ckpt_start"),
         ("checkpoint", "ckpt_end"),
+        ("rest of setup", "train_start"),
         ("to first batch", "first_batch"),
     ):
         if key in again:

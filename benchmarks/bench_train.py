@@ -111,7 +111,8 @@ def child_plain(data: str, work: str, epochs: int) -> dict:
     from ray_mmd.data.stream import DataStream
     from ray_mmd.losses import MultiTaskLoss
     from ray_mmd.models import build_model
-    from ray_mmd.train.loop import build_optimizer, chunk_schedule, lr_lambda, stream_config, total_steps
+    from ray_mmd.train.inputs import chunk_schedule, stream_config, total_steps
+    from ray_mmd.train.optim import build_optimizer, lr_lambda
     from ray_mmd.train.step import AmpPolicy, train_step
 
     cfg = _cfg(data, work, "plain", f"data.epochs={epochs}")
@@ -245,7 +246,14 @@ def _pyspy_when_steady(work: str, name: str, probe: str, spe: int, seconds: floa
         }
         procs = [
             subprocess.Popen(
-                [str(Path(sys.executable).with_name("py-spy")), "record", "-p", str(pid), "-d", str(int(seconds))]
+                [
+                    str(Path(sys.executable).with_name("py-spy")),
+                    "record",
+                    "-p",
+                    str(pid),
+                    "-d",
+                    str(int(seconds)),
+                ]
                 + ["-r", "100", "--nonblocking", "--threads", "--idle", "--format", "raw"]
                 + ["-o", os.path.join(work, f"pyspy_{role}.txt")],
                 stdout=subprocess.DEVNULL,
