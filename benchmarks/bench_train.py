@@ -144,8 +144,9 @@ def child_plain(data: str, work: str, epochs: int) -> dict:
         model.eval()  # an epoch-end pass like the loop's evaluation would go here (not timed)
     sampler.stop.set()
     spe = _steps_per_epoch(data)
-    steady = [w for s, w in wall.items() if _steady(s, spe)]
-    cpu = sampler.shares(min(steady) - times[min(wall)], max(steady)) if steady else {}
+    steady_steps = [s for s in wall if _steady(s, spe)]
+    steady = [wall[s] for s in steady_steps]
+    cpu = sampler.shares(min(steady) - times[min(steady_steps)], max(steady)) if steady else {}
     return {"step_s": times, "threads": _threads(), "cpu_cores": cpu}
 
 
@@ -178,6 +179,8 @@ class _CpuSampler(threading.Thread):
 
     def shares(self, t0: float, t1: float) -> dict[str, float]:
         """Cores used by each role between t0 and t1 (1.0 = one core busy all the time)."""
+        if len(self.samples) < 2:
+            return {}
         a = min(self.samples, key=lambda s: abs(s[0] - t0))
         b = min(self.samples, key=lambda s: abs(s[0] - t1))
         dt = b[0] - a[0]
@@ -415,8 +418,8 @@ def _round(i: int, data: str, epochs: int, spe: int, with_local: bool) -> dict:
         rec[mode]["threads"] = res["threads"]
         rec[mode]["outside_cores"] = res.get("cpu_cores", {}).get("outside_this_run")
         if mode == "ray":
-            rec["cpu_cores"] = res["cpu_cores"]
-            rec["cpu_window_s"] = res["cpu_window_s"]
+            rec["cpu_cores"] = res.get("cpu_cores", {})
+            rec["cpu_window_s"] = res.get("cpu_window_s")
             rec["phases_s"] = res["phases_s"]
     rec["ratio"] = rec["ray"]["img_s"] / rec["plain"]["img_s"]
     rec["ratio_median_step"] = rec["ray"]["img_s_median_step"] / rec["plain"]["img_s_median_step"]
@@ -426,8 +429,8 @@ def _round(i: int, data: str, epochs: int, spe: int, with_local: bool) -> dict:
     print(
         f"round {i}: ratio {rec['ratio']:.3f} (median-step {rec['ratio_median_step']:.3f})  "
         f"plain {rec['plain']['img_s']:.1f}  ray {rec['ray']['img_s']:.1f} img/s  "
-        f"load {rec['load1_before']:.2f}  outside cores plain {rec['plain']['outside_cores']:.2f} "
-        f"ray {rec['ray']['outside_cores']:.2f}",
+        f"load {rec['load1_before']:.2f}  outside cores plain {rec['plain']['outside_cores'] or 0:.2f} "
+        f"ray {rec['ray']['outside_cores'] or 0:.2f}",
         flush=True,
     )
     return rec
