@@ -175,6 +175,7 @@ def one_kill(data: str, tmp: str, i: int, session: str, extra: list[str]) -> dic
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kills", type=int, default=3)
+    ap.add_argument("--quick", action="store_true", help="(make bench) the same 3 kills, ~2 min")
     ap.add_argument("--lock", help="flock this file for the measurement (shared machines)")
     ap.add_argument("--name", default="bench_recovery")
     ap.add_argument("overrides", nargs="*", help="extra config key=value for the runs")
