@@ -28,9 +28,9 @@ def test_local_cluster_detects_dead_workers_fast_and_exports_no_metrics(monkeypa
         assert get_env_vars_to_propagate()["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"
         assert os.environ["RAY_TRAIN_METRICS_ENABLED"] == "1"
         # the cluster itself runs without core-worker metrics export
-        assert ray._private.worker._global_node._ray_params._system_config == {
-            "enable_metrics_collection": False
-        }
+        assert (
+            ray._private.worker._global_node._ray_params._system_config["enable_metrics_collection"] is False
+        )
         assert ray.get(ray.remote(lambda: 1).remote()) == 1
     finally:
         ray.shutdown()
