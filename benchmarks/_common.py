@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import time
@@ -37,3 +38,50 @@ def write_result(name: str, payload: dict) -> Path:
     }
     path.write_text(json.dumps(body, indent=2, default=str) + "\n")
     return path
+
+
+def load_info() -> dict:
+    """The machine's load when a figure was taken (shared, noisy machine: state it beside each figure)."""
+    import os
+
+    one, five, fifteen = os.getloadavg()
+    return {
+        "load1": round(one, 2),
+        "load5": round(five, 2),
+        "load15": round(fifteen, 2),
+        "cpus": os.cpu_count(),
+    }
+
+
+def spread(values: list[float]) -> dict:
+    """Median, min, max and the half-range relative to the median (the "+-x%" of a repeated figure)."""
+    import statistics
+
+    med = statistics.median(values)
+    lo, hi = min(values), max(values)
+    return {
+        "median": med,
+        "min": lo,
+        "max": hi,
+        "half_range_pct": 100 * (hi - lo) / 2 / med,
+        "stdev_pct": 100 * statistics.stdev(values) / med if len(values) > 1 else 0.0,
+        "values": values,
+    }
+
+
+@contextlib.contextmanager
+def heavy_lock(path: str | None):
+    """Hold the shared machine's heavy-work lock (flock) for the block; no-op without a path.
+
+    Long benchmarks take it per measurement round, not for the whole run, so others can interleave."""
+    if not path:
+        yield
+        return
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
