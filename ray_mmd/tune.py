@@ -661,48 +661,9 @@ def _connect(sw: Sweep) -> bool:
     PlacementGroupCleaner that finds the cluster through it (else through /tmp/ray/ray_current_cluster,
     which names whichever cluster started last on the machine); without it a trial that ASHA stopped
     keeps its workers' CPUs reserved and later trials never start."""
-    import ray
+    from ray_mmd.train.trainer import connect_ray
 
-    from ray_mmd.train.trainer import _PROPAGATE_ENV, _quiet_ray
-
-    if ray.is_initialized():
-        return False
-    env = {k: os.environ[k] for k in _PROPAGATE_ENV if k in os.environ}
-    base = trial_config(sw.base, {})
-    quiet = {} if base.run.verbose else _quiet_ray()
-    address = base.run.ray_address or os.environ.get("RAY_ADDRESS")
-    if address:
-        if "://" not in address and address != "auto":
-            env["RAY_ADDRESS"] = address
-        ray.init(
-            address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=False, **quiet
-        )
-        return False
-    import socket
-
-    with socket.socket() as so:  # the GCS port, chosen here so that the job's env can name it
-        so.bind(("", 0))
-        port = so.getsockname()[1]
-    env["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{port}"
-    old = os.environ.get("RAY_GCS_SERVER_PORT")
-    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
-    try:
-        ray.init(
-            address="local",
-            num_cpus=os.cpu_count() or 1,
-            include_dashboard=True,  # the state API the cleaner asks whether a controller is alive
-            runtime_env={"env_vars": env},
-            log_to_driver=False,
-            **quiet,
-        )
-    finally:
-        if old is None:
-            os.environ.pop("RAY_GCS_SERVER_PORT", None)
-        else:
-            os.environ["RAY_GCS_SERVER_PORT"] = old
-    if ray.get_runtime_context().gcs_address != env["RAY_ADDRESS"]:
-        log.warning("Ray's GCS is at %s, not %s", ray.get_runtime_context().gcs_address, env["RAY_ADDRESS"])
-    return True
+    return connect_ray(trial_config(sw.base, {}), log_to_driver=False)
 
 
 def run(sw: Sweep, resume: bool = False) -> dict[str, Any]:

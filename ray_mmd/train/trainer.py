@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,28 +72,50 @@ def local_ray_defaults() -> dict[str, str]:
     return added
 
 
-def connect_ray(cfg: TrainConfig) -> bool:
-    """Join the cluster `ray job submit` provides (RAY_ADDRESS), or start a local one; True if we started it."""
+def connect_ray(cfg: TrainConfig, log_to_driver: bool = True) -> bool:
+    """Join the cluster `ray job submit` provides (RAY_ADDRESS), or start a local one; True if we started it.
+
+    The job's processes get RAY_ADDRESS too, and a local cluster keeps its dashboard: Train V2's detached
+    PlacementGroupCleaner asks the state API whether the controller lives, finding the cluster through
+    RAY_ADDRESS (else /tmp/ray/ray_current_cluster, which names whichever cluster started last on the
+    machine). Without both, every run ended with a ~12 s stop timeout and a traceback, and a Tune trial
+    that ASHA stopped kept its workers' CPUs."""
     import ray
 
     if ray.is_initialized() or cfg.run.workers[-1] == 0:  # 0 workers: in-process, no cluster needed
         return False
     env = {k: os.environ[k] for k in _PROPAGATE_ENV if k in os.environ}
-    quiet = {} if cfg.run.verbose else _quiet_ray()
+    quiet = {"log_to_driver": log_to_driver, **({} if cfg.run.verbose else _quiet_ray())}
     address = cfg.run.ray_address or os.environ.get("RAY_ADDRESS")
     if address:
+        if "://" not in address and address != "auto":
+            env["RAY_ADDRESS"] = address
         ray.init(address=address, runtime_env={"env_vars": env} if env else None, **quiet)
         return False
+    with socket.socket() as so:  # the GCS port, chosen here so that the job's env can name it
+        so.bind(("", 0))
+        port = so.getsockname()[1]
+    env["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{port}"
     workers = cfg.run.workers[-1]
     local_ray_defaults()
-    ray.init(
-        address="local",
-        num_cpus=max(os.cpu_count() or 1, int(workers * cfg.run.cpus_per_worker + 0.999)),
-        include_dashboard=False,
-        runtime_env={"env_vars": env} if env else None,
-        _system_config=LOCAL_RAY_SYSTEM_CONFIG,
-        **quiet,
-    )
+    old = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    try:
+        ray.init(
+            address="local",
+            num_cpus=max(os.cpu_count() or 1, int(workers * cfg.run.cpus_per_worker + 0.999)),
+            include_dashboard=True,  # the state API the PlacementGroupCleaner asks (see above)
+            runtime_env={"env_vars": env},
+            _system_config=LOCAL_RAY_SYSTEM_CONFIG,
+            **quiet,
+        )
+    finally:
+        if old is None:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+        else:
+            os.environ["RAY_GCS_SERVER_PORT"] = old
+    if ray.get_runtime_context().gcs_address != env["RAY_ADDRESS"]:
+        log.warning("Ray's GCS is at %s, not %s", ray.get_runtime_context().gcs_address, env["RAY_ADDRESS"])
     return True
 
 
