@@ -270,7 +270,19 @@ class _Run:
             st.write_checkpoint(
                 tmp,
                 self.state.state_dict(),
-                {"step": step, "stage": self.cfg.stage, "run": self.cfg.run.name, "reason": reason},
+                {
+                    "step": step,
+                    "stage": self.cfg.stage,
+                    "run": self.cfg.run.name,
+                    "reason": reason,
+                    # what eval/predict/export need: the model and the normalisation it was trained with
+                    "inference": {
+                        "model": self.cfg.model.name,
+                        "width": self.cfg.model.width,
+                        "image_size": self.cfg.data.image_size,
+                        "stats": {k: self.man.stats[k] for k in ("fg_bg", "bg") if k in self.man.stats},
+                    },
+                },
             )
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         self.last_ckpt = storage.join(self.run_url, name)
