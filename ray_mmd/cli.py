@@ -1,4 +1,5 @@
-"""The `ray-mmd` command line: `data synth|pack|inspect` and `train` (forwarded to the trainer).
+"""The `ray-mmd` command line: `data synth|pack|inspect`, `train` (forwarded to the trainer), and
+`eval`, `predict`, `runs`, `export` (infer_cli.py).
 
 A UserError ends the command with its one-line message on stderr and exit code 2, no traceback;
 anything else is a bug and keeps its traceback.
@@ -48,6 +49,10 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--png", default=None, help="write a contact sheet (fg_bg | bg | mask | depth) here")
     i.add_argument("--samples", type=int, default=6, help="rows in the contact sheet")
     i.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    from ray_mmd import infer_cli  # eval, predict, runs, export
+
+    infer_cli.add_commands(sub)
     return p
 
 
@@ -75,6 +80,10 @@ def _run(argv: list[str]) -> int:
         logging.getLogger().setLevel(logging.DEBUG)
     if args.cmd == "train":  # pragma: no cover - handled above
         return _train([])
+    from ray_mmd import infer_cli
+
+    if args.cmd in infer_cli.COMMANDS:
+        return infer_cli.run(args)
     if args.data_cmd == "synth":
         from ray_mmd.data import synth
 
