@@ -92,7 +92,7 @@ class PredictActor:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.loaded = load_model(checkpoint, device=device)
-        self.out, self.sleep_s, self.bg = out, sleep_s, None
+        self.out, self.sleep_s, self.bg, self.shard_url = out, sleep_s, None, None
         if data:  # packed: bg images by id, decoded once per actor
             from ray_mmd.data import manifest as mf
             from ray_mmd.infer import bg_table, decode_rgb
@@ -100,13 +100,32 @@ class PredictActor:
             _, _, blobs = bg_table(mf.load(data), self.loaded.size)
             self.bg = {b: decode_rgb(d, self.loaded.size, f"bg {b}") for b, d in blobs.items()}
 
+    def _packed_row(self, shard: str, sample_id: int) -> tuple[bytes, int]:
+        """(fg_bg bytes, bg_id) of a packed sample; the last shard read stays cached in the actor."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if self.shard_url != shard:
+            t = pq.read_table(
+                pa.BufferReader(storage.read_bytes(shard)), columns=["sample_id", "fg_bg", "bg_id"]
+            )
+            ids = t.column("sample_id").to_numpy()
+            self.shard_url = shard
+            self.rows = {int(i): j for j, i in enumerate(ids)}
+            self.fg_col, self.bg_col = t.column("fg_bg"), t.column("bg_id").to_numpy()
+        if sample_id not in self.rows:
+            raise UserError(f"sample {sample_id} is not in {shard} (quarantined when packed)")
+        j = self.rows[sample_id]
+        return self.fg_col[j].as_py(), int(self.bg_col[j])
+
     def _pair(self, row: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
         from ray_mmd.infer import decode_rgb
 
         s = self.loaded.size
         if self.bg is not None:
-            fg, size = decode_rgb(row["fg_bg"], s, f"sample {row['sample_id']}")
-            return fg, self.bg[int(row["bg_id"])][0], size
+            fg_bytes, bg_id = self._packed_row(str(row["shard"]), int(row["sample_id"]))
+            fg, size = decode_rgb(fg_bytes, s, f"sample {row['sample_id']}")
+            return fg, self.bg[bg_id][0], size
         fg, size = decode_rgb(storage.read_bytes(row["fg"]), s, row["fg"])
         bg, bg_size = decode_rgb(storage.read_bytes(row["bg"]), s, row["bg"])
         if bg_size != size:
@@ -141,7 +160,8 @@ def _connect() -> None:
     if ray.is_initialized():
         return
     env = {
-        k: os.environ[k] for k in ("STORAGE_EMULATOR_HOST", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "PYTHONPATH")
+        k: os.environ.get(k)
+        for k in ("STORAGE_EMULATOR_HOST", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "PYTHONPATH")
     }
     env = {k: v for k, v in env.items() if v}
     address = os.environ.get("RAY_ADDRESS")
@@ -152,29 +172,20 @@ def _connect() -> None:
         ray.init(address="local", include_dashboard=False, log_to_driver=False, **kw)
 
 
-def _dataset(input_url: str, done: set[str], split: str):
-    """(Ray Dataset of the inputs still to do, count, packed data root or None)."""
-    import ray.data
-
+def _inputs(input_url: str, done: set[str], split: str) -> tuple[list[dict[str, Any]], str | None]:
+    """(the inputs still to do as rows, the packed data root or None); found before Ray starts."""
     from ray_mmd.data import manifest as mf
 
     if storage.exists(storage.join(input_url, mf.MANIFEST_NAME)):
         man = mf.load(input_url)
-        ids = man.sample_ids(split)
-        todo = np.array([i for i in ids if packed_key(i) not in done], dtype=np.int64)
-        if not len(todo):
-            return None, 0, input_url
-        shards = [man.url(s.path) for s in man.shards_overlapping(int(todo[0]), int(todo[-1]) + 1)]
-        fs, _ = storage.pyarrow_filesystem(input_url)
-        paths = [storage.pyarrow_filesystem(u)[1] for u in shards]
-        ds = ray.data.read_parquet(paths, filesystem=fs, columns=["sample_id", "fg_bg", "bg_id"])
-        todo_set = set(todo.tolist())
-        ds = ds.filter(lambda r: int(r["sample_id"]) in todo_set)
-        return ds, len(todo), input_url
-    items = [it for it in folder_items(input_url) if it["key"] not in done]
-    if not items:
-        return None, 0, None
-    return ray.data.from_items(items), len(items), None
+        items = []
+        for shard in man.shards:
+            for i in range(shard.first_id, shard.last_id + 1):
+                items.append({"key": packed_key(i), "sample_id": i, "shard": man.url(shard.path)})
+        wanted = {packed_key(i) for i in man.sample_ids(split)}
+        items = [it for it in items if it["key"] in wanted and it["key"] not in done]
+        return items, input_url
+    return [it for it in folder_items(input_url) if it["key"] not in done], None
 
 
 def batch_predict(
@@ -194,12 +205,14 @@ def batch_predict(
     loaded = load_model(checkpoint)  # a bad checkpoint is found here, before Ray starts
     check_writable(out)
     done = done_keys(out)
-    ds, n, data_root = _dataset(input_url, done, split)
-    if ds is None:
+    items, data_root = _inputs(input_url, done, split)
+    n = len(items)
+    if not n:
         log.info("nothing to do: all %d outputs already under %s", len(done), out)
         return {"inputs": len(done), "skipped": len(done), "written": 0, "failed": 0}
     _connect()
     ray.data.DataContext.get_current().enable_progress_bars = False  # ours below has the total
+    ds = ray.data.from_items(items)  # a read operator would wait for a CPU the actor pool holds
     gpus = int(ray.cluster_resources().get("GPU", 0))
     slots = gpus or int(ray.cluster_resources().get("CPU", 1))
     size = concurrency or max(1, min(slots, -(-n // batch_size)))
@@ -213,7 +226,7 @@ def batch_predict(
             "sleep_s": sleep_s,
         },
         batch_size=batch_size,
-        concurrency=size,
+        compute=ray.data.ActorPoolStrategy(size=size),
         batch_format="numpy",
         **res,
     )

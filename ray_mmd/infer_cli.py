@@ -119,8 +119,8 @@ def _predict(a: argparse.Namespace) -> int:
 def run(a: argparse.Namespace) -> int:
     """Dispatch one of COMMANDS."""
     if not a.verbose:  # Ray's and Ray Data's own messages only with -v
-        for name in ("ray", "ray.data"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger("ray").setLevel(logging.WARNING)
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
     if a.cmd == "eval":
         return _eval(a)
     if a.cmd == "predict":
