@@ -66,9 +66,10 @@ def prediction_grid(
 
 
 def png_bytes(a: np.ndarray) -> bytes:
-    """H x W (gray) or H x W x 3 uint8 -> PNG bytes."""
+    """H x W (gray) or H x W x 3 uint8 -> PNG bytes (fast zlib level: ~4x quicker than the default,
+    files a little larger; prediction outputs are written by the thousand)."""
     buf = io.BytesIO()
-    Image.fromarray(a).save(buf, format="PNG")
+    Image.fromarray(a).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 
