@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import timeit, write_result  # noqa: E402
+from ray_mmd import losses  # noqa: E402
 from ray_mmd.losses import ssim  # noqa: E402
 
 SHAPES = [(64, 1, 224, 224), (256, 1, 56, 56)]
@@ -24,6 +26,8 @@ SHAPES = [(64, 1, 224, 224), (256, 1, 56, 56)]
 
 def _candidates(x, y):
     c = {"ours": lambda: (1 - ssim(x, y, data_range=1.0)).backward()}
+    if x.is_cuda:  # the same maths, not compiled (one chunk = the whole batch, eager)
+        c["ours_eager"] = lambda: (1 - ssim(x, y, data_range=1.0, chunk=x.shape[0])).backward()
     try:
         from pytorch_msssim import ssim as ms_ssim
 
@@ -44,6 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="3 reps per shape (finishes in < 60 s on CPU)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--tag", default="", help="suffix for the result file name")
     ap.add_argument(
         "--threads",
         type=int,
@@ -54,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
-    reps = args.reps or (3 if args.quick else 10)
+    reps = args.reps or (3 if args.quick else (30 if dev.type == "cuda" else 10))
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     rows = []
     for shape in SHAPES:
@@ -62,7 +67,9 @@ def main(argv: list[str] | None = None) -> dict:
         y = torch.rand(shape, generator=g).to(dev)
         x = (0.6 * y + 0.4 * torch.rand(shape, generator=g).to(dev)).requires_grad_()
         fns = _candidates(x, y)
-        ours_val = ssim(x, y).item()
+        t0 = time.perf_counter()
+        ours_val = ssim(x, y).item()  # on CUDA the first call per shape compiles
+        first_call_s = time.perf_counter() - t0
         match = None
         if "pytorch_msssim" in fns:
             from pytorch_msssim import ssim as ms_ssim
@@ -76,7 +83,13 @@ def main(argv: list[str] | None = None) -> dict:
                 times[k] += timeit(lambda f=f: (f(), sync()), repeat=1, warmup=0)
                 x.grad = None
         best = {k: min(v) for k, v in times.items()}
-        row = {"shape": list(shape), "seconds": best, "abs_diff_vs_pytorch_msssim": match}
+        row = {
+            "shape": list(shape),
+            "seconds": best,
+            "abs_diff_vs_pytorch_msssim": match,
+            "first_call_s": first_call_s,
+            "compiled": losses._COMPILED.get("full") is not None and dev.type == "cuda",
+        }
         for k in best:
             if k != "ours":
                 row[f"speedup_vs_{k}"] = best[k] / best["ours"]
@@ -103,11 +116,12 @@ def main(argv: list[str] | None = None) -> dict:
         "reps": reps,
         "threads": torch.get_num_threads(),
         "quick": args.quick,
+        "command": " ".join(sys.argv),
         "rows": rows,
     }
     if dev.type == "cuda":
         payload["gpu"] = torch.cuda.get_device_name(dev)
-    suffix = "" if dev.type == "cpu" else f"_{dev.type}"
+    suffix = ("" if dev.type == "cpu" else f"_{dev.type}") + (f"_{args.tag}" if args.tag else "")
     print("wrote", write_result(f"bench_ssim{suffix}", payload))
     return payload
 

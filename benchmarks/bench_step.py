@@ -1,9 +1,9 @@
 """Training step at full width: images/s and the share of the step spent in the losses, for the
 stage-1 (unet, 56x56) and stage-3 (unet224, 224x224) shapes; our losses vs the original's recipe
-(kornia SSIM) side by side; on a GPU, fp32 vs bf16 + channels_last.
+(kornia SSIM) side by side; on a GPU, fp32 vs bf16 + channels_last vs fp16 + GradScaler + channels_last.
 
     python benchmarks/bench_step.py --quick                 # CPU, small batches, 1 timed step
-    python benchmarks/bench_step.py --device cuda --amp fp32,bf16
+    python benchmarks/bench_step.py --device cuda --amp fp32,bf16,fp16
 
 Loss share = (loss forward+backward on a tensor shaped like the model output) / (whole train_step);
 for the kornia recipe the step is estimated as (our step - our losses + its losses).
@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import timeit, write_result  # noqa: E402
+from ray_mmd import losses as ray_mmd_losses  # noqa: E402
 from ray_mmd.losses import MultiTaskLoss, build_loss  # noqa: E402
 from ray_mmd.models import build_model  # noqa: E402
 from ray_mmd.train.step import AmpPolicy, make_optimizer, train_step  # noqa: E402
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     dev = torch.device(args.device)
-    amps = (args.amp or ("fp32,bf16" if dev.type == "cuda" else "fp32")).split(",")
+    amps = (args.amp or ("fp32,bf16,fp16" if dev.type == "cuda" else "fp32")).split(",")
     steps = args.steps or (1 if args.quick else (10 if dev.type == "cuda" else 3))
     warmup = 1 if dev.type == "cpu" else 3
     losses: dict[str, torch.nn.Module] = {"ours": MultiTaskLoss("l1+dice", "rmse+ssim")}
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
         bs = QUICK_BS[stage] if args.quick else STAGES[stage][2]
         for amp in amps:
             rows.append(
-                bench(stage, bs, dev, amp, steps, warmup, args.width, losses, check_sync=amp == amps[-1])
+                bench(stage, bs, dev, amp, steps, warmup, args.width, losses, check_sync=amp != "fp32")
             )
             r = rows[-1]
             print(
@@ -158,6 +159,8 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": torch.get_num_threads(),
         "steps": steps,
         "quick": args.quick,
+        "command": " ".join(sys.argv),
+        "ssim_compiled": dev.type == "cuda" and ray_mmd_losses._COMPILED.get("full") is not None,
         "rows": rows,
     }
     if dev.type == "cuda":

@@ -104,7 +104,7 @@ def _stats_from_manifest(state: dict[str, Any], url: str) -> dict[str, dict[str,
 
 def _from_checkpoint(url: str, device: torch.device) -> Loaded:
     from ray_mmd.models import build_model
-    from ray_mmd.train import state as st
+    from ray_mmd.train import checkpoint as st
 
     name = url.rstrip("/").rsplit("/", 1)[-1]
     try:
@@ -165,7 +165,7 @@ def load_model(
     device = torch.device(device)
     loaded = _from_export(url, device) if _is_file(url) else None
     if loaded is None:
-        from ray_mmd.train import state as st
+        from ray_mmd.train import checkpoint as st
 
         if not st.CKPT_RE.match(url.rstrip("/").rsplit("/", 1)[-1]) and not st.list_checkpoints(url):
             raise UserError(
@@ -309,13 +309,31 @@ def bg_table(man: Any, size: int) -> tuple[torch.Tensor, dict[int, str], dict[in
     return resize_u8(arrs, size), types, blobs
 
 
+def _decode_at(fg_bg: list[bytes], mask: list[bytes], depth: list[bytes], size: int):
+    """n samples decoded as training decodes them (DCT-scaled, then resized) to S x S uint8:
+    (fg n x 3 x S x S, mask n x S x S, depth n x S x S, ok bool[n], reason per sample)."""
+    from ray_mmd.data.transforms import decode_into
+
+    n = len(fg_bg)
+    bufs = [
+        np.empty((n, size, size, 3), np.uint8),
+        np.empty((n, size, size), np.uint8),
+        np.empty((n, size, size), np.uint8),
+    ]
+    why = [""] * n
+    for name, blobs, dst in zip(("fg_bg", "mask", "depth"), (fg_bg, mask, depth), bufs, strict=True):
+        for i, r in enumerate(decode_into(blobs, dst, name != "fg_bg", size)):
+            why[i] = why[i] or (f"{name}: {r}" if r else "")
+    ok = np.array([not r for r in why], dtype=bool)
+    fg, m, d = (torch.from_numpy(b) for b in bufs)
+    return fg.permute(0, 3, 1, 2), m, d, ok, why
+
+
 def packed_batches(man: Any, ids: np.ndarray, size: int, batch_size: int):
     """Batches of (sample_id int64[n], fg n x 3 x S x S u8, mask n x S x S u8, depth n x S x S u8, bg_id[n])
     for the given ids, shard by shard; samples that fail to decode are skipped and logged."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-
-    from ray_mmd.data.transforms import decode_samples
 
     if not len(ids):
         return
@@ -326,7 +344,7 @@ def packed_batches(man: Any, ids: np.ndarray, size: int, batch_size: int):
         rows = np.flatnonzero(np.isin(sid, ids))
         for i in range(0, len(rows), batch_size):
             sel = t.take(pa.array(rows[i : i + batch_size]))
-            fg, mask, depth, ok, why = decode_samples(
+            fg, mask, depth, ok, why = _decode_at(
                 *(sel.column(k).to_pylist() for k in ("fg_bg", "mask", "depth")), size
             )
             s_ids, bg_id = sel.column("sample_id").to_numpy(), sel.column("bg_id").to_numpy()

@@ -23,9 +23,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=int, default=None, help="expected model width")
 
 
-def add_commands(sub: argparse._SubParsersAction) -> None:
+def add_commands(sub: argparse._SubParsersAction, parents: list[argparse.ArgumentParser] = ()) -> None:
+    """Add the subcommands; `parents` carries cli.py's -v so it also works after the command."""
+    parents = list(parents)
     e = sub.add_parser(
-        "eval", help="metrics of a checkpoint on a packed dataset, overall and per scene class"
+        "eval",
+        parents=parents,
+        help="metrics of a checkpoint on a packed dataset, overall and per scene class",
     )
     _model_args(e)
     e.add_argument("--data", required=True, help="packed dataset URL")
@@ -36,7 +40,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--out", default="eval", help="where eval.json and eval_grid.png go (default ./eval)")
     e.add_argument("--json", action="store_true", help="print JSON instead of the table")
 
-    p = sub.add_parser("predict", help="mask + depth PNGs for one fg_bg/bg pair, or a batch on Ray Data")
+    p = sub.add_parser(
+        "predict", parents=parents, help="mask + depth PNGs for one fg_bg/bg pair, or a batch on Ray Data"
+    )
     _model_args(p)
     p.add_argument("--fg-bg", default=None, help="one scene image with the object")
     p.add_argument("--bg", default=None, help="the same scene without it")
@@ -47,16 +53,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--concurrency", type=int, default=None, help="actors (default: from the cluster)")
     p.add_argument("--debug-sleep-per-batch", type=float, default=0.0, help=argparse.SUPPRESS)
 
-    r = sub.add_parser("runs", help="list runs under a storage URL, or show one")
+    r = sub.add_parser("runs", parents=parents, help="list runs under a storage URL, or show one")
     rsub = r.add_subparsers(dest="runs_cmd", required=True)
-    rl = rsub.add_parser("list", help="runs under STORAGE_URL")
+    rl = rsub.add_parser("list", parents=parents, help="runs under STORAGE_URL")
     rl.add_argument("storage_url")
     rl.add_argument("--json", action="store_true")
-    rs = rsub.add_parser("show", help="one run: stage, steps, metrics, checkpoints, lineage")
+    rs = rsub.add_parser("show", parents=parents, help="one run: stage, steps, metrics, checkpoints, lineage")
     rs.add_argument("run")
     rs.add_argument("--json", action="store_true")
 
-    x = sub.add_parser("export", help="a torch.export file that runs with plain torch")
+    x = sub.add_parser("export", parents=parents, help="a torch.export file that runs with plain torch")
     _model_args(x)
     x.add_argument("--out", required=True, help="output file (.pt2), local or gs://")
 
@@ -118,7 +124,7 @@ def _predict(a: argparse.Namespace) -> int:
 
 def run(a: argparse.Namespace) -> int:
     """Dispatch one of COMMANDS."""
-    if not a.verbose:  # Ray's and Ray Data's own messages only with -v
+    if not getattr(a, "verbose", False):  # Ray's and Ray Data's own messages only with -v
         logging.getLogger("ray").setLevel(logging.WARNING)
         logging.getLogger("ray.data").setLevel(logging.ERROR)
     if a.cmd == "eval":

@@ -31,7 +31,9 @@ Nothing here syncs with the host: every result is a 0-dim tensor on the input's 
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,6 +42,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ray_mmd.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 class LossSpecError(UserError, ValueError):
@@ -138,6 +142,54 @@ def _ssim_chunk(
     return total, gx, gy
 
 
+# On a GPU the eager SSIM is launch-bound (~30 small kernels at (256,1,56,56): ~1.4 ms for ~0.1 ms of
+# work), so there the chunk function -- value and analytic gradient together -- is compiled: inductor
+# fuses the elementwise maps around the four filter GEMMs into a few kernels. dynamic=True: one graph
+# for every batch and image size (stage 1, stage 3, accumulation's uneven micro-batches), compiled once
+# and then found in inductor's on-disk cache by later processes.
+# RAY_MMD_COMPILE_LOSS=0 turns it off; a compile failure falls back to eager (logged once).
+_COMPILED: dict[str, Callable | None] = {}
+
+
+def compile_enabled() -> bool:
+    """Whether CUDA SSIM goes through torch.compile (env RAY_MMD_COMPILE_LOSS, default on)."""
+    return os.environ.get("RAY_MMD_COMPILE_LOSS", "1") not in ("0", "false", "no", "off")
+
+
+def _ssim_full(
+    x: Tensor, y: Tensor, mh: Tensor, mw: Tensor, c1: float, c2: float, need_x: bool, need_y: bool
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The whole batch as one chunk, mean scale taken from the shapes (what gets compiled)."""
+    scale = 1.0 / (x.shape[0] * x.shape[1] * mh.shape[0] * mw.shape[0])
+    total, gx, gy = _ssim_chunk(x, y, mh, mw, c1, c2, scale, need_x, need_y)
+    return total * scale, gx, gy
+
+
+def _compiled_ssim_full() -> Callable | None:
+    if "full" not in _COMPILED:
+        try:
+            _COMPILED["full"] = torch.compile(_ssim_full, dynamic=True)
+        except Exception as e:  # no inductor / triton on this install
+            log.warning("torch.compile unavailable for SSIM (%s); using the eager version", e)
+            _COMPILED["full"] = None
+    return _COMPILED["full"]
+
+
+def _ssim_fused_cuda(
+    x: Tensor, y: Tensor, mh: Tensor, mw: Tensor, c1: float, c2: float, need_x: bool, need_y: bool
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(mean SSIM, d/dx, d/dy) through the compiled function on CUDA; eager elsewhere or if compiling
+    failed once."""
+    fn = _compiled_ssim_full() if x.is_cuda else None
+    if fn is not None:
+        try:
+            return fn(x, y, mh, mw, c1, c2, need_x, need_y)
+        except Exception as e:  # a compiler error must not stop training: eager gives the same numbers
+            log.warning("compiled SSIM failed (%s: %s); using the eager version", type(e).__name__, e)
+            _COMPILED["full"] = None
+    return _ssim_full(x, y, mh, mw, c1, c2, need_x, need_y)
+
+
 class _SSIMFunction(torch.autograd.Function):
     """Mean SSIM whose gradient is computed in the forward pass, chunk by chunk.
 
@@ -152,6 +204,10 @@ class _SSIMFunction(torch.autograd.Function):
     ) -> Tensor:
         need_x, need_y = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         n, c = x.shape[:2]
+        if chunk <= 0:  # the fused path (compiled on CUDA): the whole batch at once
+            mean, gx, gy = _ssim_fused_cuda(x, y, mh, mw, c1, c2, need_x, need_y)
+            ctx.save_for_backward(gx, gy)
+            return mean
         scale = 1.0 / (n * c * mh.shape[0] * mw.shape[0])
         gx = torch.empty_like(x) if need_x else None
         gy = torch.empty_like(y) if need_y else None
@@ -195,7 +251,9 @@ def ssim(
     matmul pair (the separable valid gaussian as banded matrices), and the gradient is analytic (one
     adjoint filter call over three stacked maps, done in the forward pass) instead of autograd through
     ~20 saved full-size intermediates. On CPU the batch goes in chunks of ``chunk`` images (default:
-    about 4M moment elements) to bound the temporaries; elsewhere in one piece.
+    about 4M moment elements) to bound the temporaries; elsewhere in one piece. On CUDA (unless
+    ``RAY_MMD_COMPILE_LOSS=0``) that piece is a ``torch.compile``d function: the first call per shape
+    compiles (seconds), later calls run a handful of fused kernels.
     """
     if x.shape != y.shape or x.dim() != 4:
         raise ValueError(f"ssim needs two N x C x H x W tensors of one shape, got {x.shape} and {y.shape}")
@@ -207,7 +265,12 @@ def ssim(
     c2 = (k[1] * data_range) ** 2
     if chunk is None:
         per_image = 5 * x.shape[1] * x.shape[2] * x.shape[3]
-        chunk = x.shape[0] if x.device.type != "cpu" else max(1, _CPU_CHUNK_ELEMS // per_image)
+        if x.device.type == "cuda" and compile_enabled() and not torch.compiler.is_compiling():
+            chunk = 0  # fused: compiled value + gradient in a few kernels
+        elif x.device.type != "cpu":
+            chunk = x.shape[0]
+        else:
+            chunk = max(1, _CPU_CHUNK_ELEMS // per_image)
     return _SSIMFunction.apply(x.contiguous(), y.contiguous(), mh, mw, c1, c2, int(chunk))
 
 

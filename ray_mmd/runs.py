@@ -12,7 +12,7 @@ from typing import Any
 
 from ray_mmd import storage
 from ray_mmd.errors import UserError
-from ray_mmd.train import state as st
+from ray_mmd.train import checkpoint as st
 
 BEST_KEY = "eval/iou"
 

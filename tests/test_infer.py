@@ -101,7 +101,7 @@ def test_old_checkpoint_falls_back_to_its_training_manifest(trained, tmp_path, c
 
 def _direct_metrics(run: str, data: str, train_stats: dict) -> tuple[dict, dict]:
     """One sample at a time, metrics by their definitions in numpy: overall and per bg_type."""
-    from ray_mmd.train import state as st
+    from ray_mmd.train import checkpoint as st
 
     state, meta, _ = st.final_checkpoint(run)
     model = build_model("unet", width=4)

@@ -150,3 +150,58 @@ def test_bce_uses_logits_stably():
     t = torch.tensor([[[[1.0, 0.0]]]])
     assert torch.isfinite(build_loss("bce")(z, t)) and build_loss("bce")(z, t) < 1e-6
     assert torch.allclose(build_loss("bce")(z, 1 - t), F.binary_cross_entropy_with_logits(z, 1 - t))
+
+
+def test_fused_whole_batch_path_equals_chunked_value_and_gradient():
+    # chunk=0 is the path CUDA takes (compiled there); on the CPU the same function runs eagerly
+    g = torch.Generator().manual_seed(5)
+    x = torch.rand(6, 1, 30, 27, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.rand(6, 1, 30, 27, generator=g, dtype=torch.float64, requires_grad=True)
+    a = ssim(x, y, chunk=0)
+    ga = torch.autograd.grad(a, [x, y])
+    b = ssim(x, y, chunk=4)
+    gb = torch.autograd.grad(b, [x, y])
+    assert torch.allclose(a, b) and all(torch.allclose(u, v) for u, v in zip(ga, gb, strict=True))
+    assert torch.autograd.gradcheck(
+        lambda u, v: ssim(u, v, chunk=0), (x[:2, :, :13, :12].detach().requires_grad_(), y[:2, :, :13, :12])
+    )
+
+
+def test_fused_ssim_traces_as_one_graph():
+    # what torch.compile sees on CUDA: no graph breaks (the 'eager' backend only traces, so this is cheap)
+    from ray_mmd import losses
+
+    torch._dynamo.reset()
+    fn = torch.compile(losses._ssim_full, backend="eager", fullgraph=True)
+    x, y = torch.rand(3, 1, 20, 20), torch.rand(3, 1, 20, 20)
+    mh = losses._filter_matrix(20, 11, 1.5, x.device, x.dtype)
+    got = fn(x, y, mh, mh, 1e-4, 9e-4, True, False)
+    want = losses._ssim_full(x, y, mh, mh, 1e-4, 9e-4, True, False)
+    assert torch.allclose(got[0], want[0]) and torch.allclose(got[1], want[1]) and got[2] is None
+    assert torch.allclose(got[0], ssim(x, y))
+
+
+def test_compile_switch(monkeypatch):
+    from ray_mmd import losses
+
+    monkeypatch.setenv("RAY_MMD_COMPILE_LOSS", "0")
+    assert not losses.compile_enabled()
+    monkeypatch.setenv("RAY_MMD_COMPILE_LOSS", "1")
+    assert losses.compile_enabled()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (runs in benchmarks/gpu_suite.sh)")
+@pytest.mark.parametrize("shape", [(8, 1, 56, 56), (4, 1, 224, 224)])
+def test_cuda_compiled_ssim_matches_pytorch_msssim(shape):
+    g = torch.Generator().manual_seed(6)
+    x = torch.rand(shape, generator=g).cuda().requires_grad_()
+    y = (0.6 * x.detach() + 0.4 * torch.rand(shape, generator=g).cuda()).requires_grad_()
+    ours = ssim(x, y)
+    gx, gy = torch.autograd.grad(ours, [x, y])
+    # reference in float64: pytorch-msssim's fp32 conv runs on TF32 tensor cores under cuDNN's default
+    x64, y64 = x.detach().double().requires_grad_(), y.detach().double().requires_grad_()
+    ref = ms_ssim(x64, y64, data_range=1.0)
+    rx, ry = (g.float() for g in torch.autograd.grad(ref, [x64, y64]))
+    assert abs(ours.item() - ref.item()) < 1e-5
+    for a, b in ((gx, rx), (gy, ry)):  # per-pixel gradients are ~1/numel: compare relative norms
+        assert ((a - b).norm() / b.norm()).item() < 1e-4
