@@ -1,5 +1,6 @@
-"""The `ray-mmd` command line, all of its argument parsing: `train`, `pipeline`, `data synth|pack|inspect`,
-and (parsers in infer_cli.py) `eval`, `predict`, `runs list|show`, `export`.
+"""The `ray-mmd` command line, all of its argument parsing: `train`, `pipeline`, `data synth|pack|inspect`.
+
+After training: `eval`, `predict`, `runs list|show`, `export` (their parsers live in infer_cli.py).
 
 A UserError ends the command with its one-line message on stderr and exit code 2, no traceback; a run
 that fails or stops on a NaN streak exits 1 with one line; anything else is a bug and keeps its traceback.
