@@ -1,6 +1,8 @@
 """The `ray-mmd` command line, all of its argument parsing: `train`, `pipeline`, `data synth|pack|inspect`,
 `tune run|leaderboard|export` (sweeps).
 
+After training: `eval`, `predict`, `runs list|show`, `export` (their parsers live in infer_cli.py).
+
 A UserError ends the command with its one-line message on stderr and exit code 2, no traceback; a run
 that fails or stops on a NaN streak exits 1 with one line; anything else is a bug and keeps its traceback.
 `-v` (before or after the command) turns on debug logging and Ray's own logs.
@@ -92,6 +94,10 @@ def _parser() -> argparse.ArgumentParser:
     te.add_argument("experiment", help="experiment directory (STORAGE/NAME)")
     te.add_argument("--out", required=True, help="output YAML path")
     te.add_argument("--run-name", help="run.name in the exported config (default: NAME-best)")
+
+    from ray_mmd import infer_cli  # eval, predict, runs, export
+
+    infer_cli.add_commands(sub, parents=[verbose])
     return p
 
 
@@ -201,6 +207,11 @@ def _run(argv: list[str]) -> int:
         return _pipeline(args)
     if args.cmd == "tune":
         return _tune(args)
+
+    from ray_mmd import infer_cli
+
+    if args.cmd in infer_cli.COMMANDS:
+        return infer_cli.run(args)
     if args.data_cmd == "synth":
         from ray_mmd.data import synth
 

@@ -78,6 +78,13 @@ class Run:
 
     def save(self, metrics: dict[str, Any], reason: str) -> None:
         meta = {"step": self.progress.global_step, "stage": self.cfg.stage, "run": self.cfg.run.name}
+        # what eval/predict/export need: the model and the normalisation it was trained with
+        meta["inference"] = {
+            "model": self.cfg.model.name,
+            "width": self.cfg.model.width,
+            "image_size": self.cfg.data.image_size,
+            "stats": {k: self.man.stats[k] for k in ("fg_bg", "bg") if k in self.man.stats},
+        }
         self.ckpt.save(self.state, {**meta, "reason": reason}, plain(metrics), clean=self.window.streak == 0)
 
     def end_epoch(self) -> dict[str, float]:
