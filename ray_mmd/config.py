@@ -98,8 +98,14 @@ class RunConfig:
     workers: list[int] = field(default_factory=lambda: [1, 1])
     use_gpu: str = "auto"  # auto | true | false
     cpus_per_worker: float = 1.0
-    max_failures: int = 3  # real errors; preemptions are unlimited
-    max_preemption_failures: int = -1
+    max_failures: int = 3  # real errors (-1: no limit); preemptions never use it up
+    max_preemption_failures: int = -1  # preemptions (-1: no limit)
+    # preemption notices (ray_mmd/train/preemption.py): ask Ray Train every N global steps (a barrier);
+    # on a notice: "deadline" = checkpoint now, train on, checkpoint again just before the deadline and
+    # move on; "handoff" = checkpoint now and move on; "ignore" = log and count only
+    preemption_poll_every: int = 5
+    on_preemption: str = "deadline"
+    preemption_margin_s: float = 3.0
     elastic_resize_interval_s: float = 60.0
     log_every: int = 10
     nan_abort_after: int = 5
@@ -291,6 +297,10 @@ def validate(cfg: TrainConfig) -> None:
         f"config optim.amp: {o.amp!r} is not auto, off, bf16 or fp16",
     )
     _check(
+        not (len(r.workers) == 2 and r.workers[0] > r.workers[1]),
+        f"config run.workers: MIN {r.workers[0]} > MAX {r.workers[-1]}; give MIN,MAX with MIN <= MAX",
+    )
+    _check(
         len(r.workers) in (1, 2)
         and (1 <= r.workers[0] <= r.workers[-1] or r.workers == [0] * len(r.workers)),
         f"config run.workers: {r.workers} is not MIN,MAX with 1 <= MIN <= MAX (or 0: in-process)",
@@ -299,6 +309,18 @@ def validate(cfg: TrainConfig) -> None:
         r.use_gpu in ("auto", "true", "false"),
         f"config run.use_gpu: {r.use_gpu!r} is not auto, true or false",
     )
+    for key in ("max_failures", "max_preemption_failures"):
+        v = getattr(r, key)
+        _check(v >= -1, f"config run.{key}: {v} is not a count; give N >= 0, or -1 for no limit")
+    _check(
+        r.preemption_poll_every >= 1,
+        f"config run.preemption_poll_every: {r.preemption_poll_every}; ask for notices every N >= 1 steps",
+    )
+    _check(
+        r.on_preemption in ("deadline", "handoff", "ignore"),
+        f"config run.on_preemption: {r.on_preemption!r} is not deadline, handoff or ignore",
+    )
+    _check(r.preemption_margin_s >= 0, "config run.preemption_margin_s: must be >= 0 seconds")
     _check(r.log_every >= 1, "config run.log_every: must be >= 1")
     _check(r.nan_abort_after >= 1, "config run.nan_abort_after: must be >= 1")
     _check(cfg.checkpoint.every_steps >= 1, "config checkpoint.every_steps: must be >= 1")

@@ -30,6 +30,7 @@ from ray_mmd.config import TrainConfig
 from ray_mmd.data import manifest as mf
 from ray_mmd.train import stages
 from ray_mmd.train import state as st
+from ray_mmd.train.preemption import Decision, PreemptionWatch, handoff_marker
 
 log = logging.getLogger("ray_mmd.train")
 
@@ -242,6 +243,9 @@ class _Run:
                     self.world,
                 )
         self.token = uuid.uuid4().hex[:6]
+        self.preempt = PreemptionWatch.from_config(cfg.run, self.rank, enabled=not self.local_mode)
+        self.stop_after_epoch = False  # a preemption checkpoint asked at an epoch's last step
+        self.handed_off = False
         if self.rank == 0:
             log.info(
                 "stage %d run %s: world size %d, global batch %d, step %d of %d",
@@ -260,8 +264,9 @@ class _Run:
 
     # -- checkpoint ------------------------------------------------------------------------------
 
-    def save(self, metrics: dict[str, Any], reason: str) -> None:
-        """Rank 0 writes the files, every rank reports (report is a barrier); upload runs in the background."""
+    def save(self, metrics: dict[str, Any], reason: str, sync: bool = False) -> None:
+        """Rank 0 writes the files, every rank reports (report is a barrier); upload runs in the background
+        (sync=True: report returns once the checkpoint is on storage)."""
         step = self.progress.global_step
         checkpoint = None
         name = st.checkpoint_dir_name(step, f"{int(time.time() * 1000):x}{self.token}")
@@ -284,8 +289,69 @@ class _Run:
             {**metrics, "step": step, "reason": reason, "world_size": self.world},
             checkpoint=checkpoint,
             checkpoint_dir_name=name,
-            checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+            checkpoint_upload_mode=ray.train.CheckpointUploadMode.SYNC
+            if sync
+            else ray.train.CheckpointUploadMode.ASYNC,
         )
+
+    def on_preemption(self, d: Decision, metrics: dict[str, Any]) -> bool:
+        """A notice (or its deadline): checkpoint this step now, synchronously and verified; True = stop and
+        hand the run over (see ray_mmd/train/preemption.py)."""
+        step, n = self.progress.global_step, d.notice
+        if self.writer is not None and d.reason == "preempt-notice":
+            self.writer.scalars(
+                step,
+                {"preempt/notices": self.preempt.notices, "preempt/deadline_in_s": n.deadline - n.seen_at},
+                kind="preemption",
+            )
+        if not d.checkpoint:
+            return False
+        if self.stream.steps_left() == 0:  # the epoch-end checkpoint follows right away
+            self.stop_after_epoch = self.stop_after_epoch or d.stop
+            return False
+        t0 = time.time()
+        self.save(_plain(metrics), d.reason, sync=True)
+        ok = True
+        if self.rank == 0:
+            try:
+                st.load_checkpoint(self.last_ckpt)
+            except st.CheckpointError as e:  # keep training: Ray restarts from the newest one that verifies
+                log.error("preemption checkpoint did not verify: %s", e)
+                ok = False
+        ok = bool(self.preempt.agree(ok))
+        dt = time.time() - t0
+        self.preempt.checkpointed(dt)
+        if self.rank == 0:
+            log.warning(
+                "preemption checkpoint %s at step %d verified: %.2f s to write, %.2f s after the notice, "
+                "%.1f s before the deadline",
+                self.last_ckpt,
+                step,
+                dt,
+                time.time() - n.seen_at,
+                n.deadline - time.time(),
+            )
+        if self.writer is not None:
+            self.writer.scalars(
+                step,
+                {
+                    "preempt/checkpoint_s": dt,
+                    "preempt/notice_to_checkpoint_s": time.time() - n.seen_at,
+                    "preempt/deadline_left_s": n.deadline - time.time(),
+                    "preempt/verified": float(ok),
+                    "preempt/final": float(d.stop),
+                },
+                kind="preemption",
+            )
+        if d.stop and ok:
+            self.hand_off()
+        return d.stop and ok
+
+    def hand_off(self) -> None:
+        """End this attempt cleanly; the driver sees the marker and fits again on the nodes that stay."""
+        self.handed_off = True
+        if self.rank == 0 and self.preempt.notice is not None:
+            storage.write_bytes_atomic(handoff_marker(self.run_url), self.preempt.notice.to_json().encode())
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -387,6 +453,9 @@ class _Run:
                     if cfg.debug.step_sleep_s:
                         time.sleep(cfg.debug.step_sleep_s)
                     self._maybe_kill()
+                    d = self.preempt.poll(p.global_step)
+                    if d is not None and self.on_preemption(d, {**last_metrics, **flush()}):
+                        break
                     if p.global_step % cfg.run.log_every == 0:
                         m = flush()
                         if m:
@@ -405,6 +474,8 @@ class _Run:
                     if p.global_step % cfg.checkpoint.every_steps == 0 and self.stream.steps_left() > 0:
                         last_metrics.update(flush())
                         self.save(_plain(last_metrics), "interval")
+                if self.handed_off:
+                    break
                 # epoch (or chunk) done: the stream's position already points at the next one
                 last_metrics.update(flush())
                 if bar is not None:
@@ -417,7 +488,10 @@ class _Run:
                     self.writer.scalars(p.global_step, data, kind="data")
                     self.writer.scalars(p.global_step, {f"eval/{k}": v for k, v in ev.items()}, kind="eval")
                 reason = "final" if self.stream.done else "epoch"
-                self.save(_plain(last_metrics), reason)
+                self.save(_plain(last_metrics), reason, sync=self.stop_after_epoch)
+                if self.stop_after_epoch and not self.stream.done:
+                    self.hand_off()
+                    break
         if bar is not None:
             bar.close()
         if self.writer is not None:

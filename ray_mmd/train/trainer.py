@@ -36,6 +36,8 @@ def parse_args(argv: list[str], stage: int | None = None) -> TrainConfig:
     ap.add_argument("--parent", help="previous stage's run name (or checkpoint URL)")
     ap.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.lr=0.01")
     a = ap.parse_args(argv)
+    if a.workers is not None and a.workers.replace(" ", "") in ("0", "0,0"):
+        raise UserError("--workers 0: a run needs at least one worker; give --workers N or MIN,MAX (N >= 1)")
     ov = list(a.overrides)
     for key, val in (
         ("run.name", a.run_name),
@@ -127,6 +129,7 @@ def build_trainer(cfg: TrainConfig):
         name=r.name,
         storage_path=path,
         storage_filesystem=fs,
+        # preemptions have their own budget: they never use up max_failures
         failure_config=ray.train.FailureConfig(
             max_failures=r.max_failures, max_preemption_failures=r.max_preemption_failures
         ),
@@ -156,11 +159,26 @@ def fit(cfg: TrainConfig) -> Outcome:
     if cfg.parent:
         stages.parent_checkpoint(cfg)  # fail now, on the driver, if stage N-1 has nothing to give
     from ray_mmd.train.loop import ABORTED, NonFiniteLossError
+    from ray_mmd.train.preemption import PreemptionBudgetExceeded, handoff_marker
 
     aborted = storage.join(stages.run_url(cfg), ABORTED)
     storage.remove(aborted)  # an earlier attempt's: a re-run resumes from the newest checkpoint
-    trainer = build_trainer(cfg)
-    result = trainer.fit()
+    handoff = handoff_marker(stages.run_url(cfg))
+    storage.remove(handoff)
+    result = build_trainer(cfg).fit()
+    handoffs = 0
+    while storage.exists(handoff):  # the workers checkpointed on a preemption notice and stepped aside
+        handoffs += 1
+        budget = cfg.run.max_preemption_failures
+        if budget != -1 and handoffs > budget:
+            raise PreemptionBudgetExceeded(
+                f"run {cfg.run.name}: {handoffs} preemptions exceed run.max_preemption_failures={budget}; "
+                "re-run the same command to resume from the preemption checkpoint"
+            )
+        note = storage.read_bytes(handoff).decode()
+        log.warning("preemption hand-off %d: resuming on the nodes that stay (%s)", handoffs, note)
+        storage.remove(handoff)
+        result = build_trainer(cfg).fit()
     if storage.exists(aborted):
         raise NonFiniteLossError(storage.read_bytes(aborted).decode())
     if result.checkpoint is not None and cfg.run.workers[-1] > 0:
@@ -199,8 +217,9 @@ def run_cli(argv: list[str], stage: int | None = None) -> int:
         from ray.train import TrainingFailedError
 
         from ray_mmd.train.loop import NonFiniteLossError
+        from ray_mmd.train.preemption import PreemptionBudgetExceeded
 
-        if isinstance(e, NonFiniteLossError):
+        if isinstance(e, NonFiniteLossError | PreemptionBudgetExceeded):
             print(f"training stopped: {e}", file=sys.stderr)
             return 1
         if isinstance(e, TrainingFailedError):
