@@ -235,6 +235,8 @@ class _Run:
             self.state.load_state_dict(sd, skip=("config",))
             self.progress.restarts += 1
             self.last_ckpt = self.good_ckpt = url
+            if self.rank == 0:  # what an attempt whose driver died left beyond num_to_keep
+                st.prune_orphans(self.run_url, cfg.checkpoint.num_to_keep, keep=url)
             if self.rank == 0:
                 log.info(
                     "resumed from %s at global step %d (world size %d)",

@@ -229,6 +229,24 @@ def persist_local(src_dir: str, dst_url: str, run_url: str, num_to_keep: int) ->
         ofs.rm(opath, recursive=True)
 
 
+def prune_orphans(run_url: str, num_to_keep: int, keep: str | None) -> list[str]:
+    """Delete checkpoint directories beyond the newest `num_to_keep`, never `keep` (the newest one that
+    verifies, restored from). Ray's checkpoint manager prunes only what it registered; an attempt whose
+    driver died leaves its later checkpoints behind, so each attempt sweeps once when it starts."""
+    doomed = [u for u in list_checkpoints(run_url)[num_to_keep:] if u != keep]
+    for url in doomed:
+        try:
+            fs, path = storage.filesystem(url)
+            fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass
+    if doomed:
+        log.info(
+            "pruned %d checkpoints beyond checkpoint.num_to_keep=%d: %s", len(doomed), num_to_keep, doomed
+        )
+    return doomed
+
+
 def list_checkpoints(run_url: str) -> list[str]:
     """Checkpoint directory URLs of a run, newest (highest step, then latest token) first."""
     fs, path = storage.filesystem(run_url)

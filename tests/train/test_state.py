@@ -99,3 +99,25 @@ def test_no_checkpoints_means_none(tmp_path):
     assert st.restore_latest(str(tmp_path / "nothing")) is None
     with pytest.raises(st.CheckpointError):
         st.final_checkpoint(str(tmp_path / "nothing"))
+
+
+def test_prune_orphans_keeps_the_newest_k_and_the_restored_one(tmp_path):
+    """An attempt whose driver died left checkpoints Ray never registered: the next attempt sweeps them."""
+    run = tmp_path / "run"
+    urls = []
+    for step, tok in [(4, "a"), (8, "b"), (12, "c"), (16, "d"), (20, "e")]:
+        d = run / st.checkpoint_dir_name(step, tok)
+        st.write_checkpoint(str(d), {"x": torch.tensor([step])}, {"step": step})
+        urls.append(str(d))
+    (run / st.checkpoint_dir_name(20, "e") / st.STATE_FILE).write_bytes(b"torn")  # newest is torn
+    (run / "metrics.jsonl").write_text("{}\n")
+    found = st.restore_latest(str(run))
+    assert found is not None and found[2] == urls[3]  # fell back to step 16
+    # keep 2: the torn step 20 and step 16 survive by age; 12, 8, 4 go
+    doomed = st.prune_orphans(str(run), 2, keep=found[2])
+    assert sorted(doomed) == sorted(urls[:3])
+    assert st.list_checkpoints(str(run)) == [urls[4], urls[3]] and (run / "metrics.jsonl").exists()
+    # the restored one is never pruned, even when newer ones fill num_to_keep
+    st.write_checkpoint(str(run / st.checkpoint_dir_name(24, "f")), {"x": torch.tensor([24])}, {"step": 24})
+    st.prune_orphans(str(run), 2, keep=urls[3])
+    assert len(st.list_checkpoints(str(run))) == 3 and urls[3] in st.list_checkpoints(str(run))
