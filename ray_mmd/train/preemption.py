@@ -98,7 +98,7 @@ class PreemptionWatch:
 
     cadence: int
     mode: str = "deadline"
-    margin_s: float = 3.0
+    margin_s: float = 5.0
     rank: int = 0
     enabled: bool = True
     probe: Callable[[], Any] | None = None
@@ -195,6 +195,23 @@ class PreemptionWatch:
         self.ckpt_s = seconds
         if self._last is not None:  # the checkpoint is not step time
             self._last = (self._last[0], self._last[1] + seconds)
+
+
+def wait_nodes_gone(notice: dict[str, Any], grace_s: float = 10.0) -> float:
+    """Driver side, after a hand-off: wait until the preempted nodes have left the cluster (a draining node
+    shuts itself down once idle, i.e. once our workers on it are gone), at most until the deadline plus
+    `grace_s`. Fitting again earlier would count the draining node's free CPUs and wait for a placement
+    that never comes. Returns the seconds waited."""
+    import ray
+
+    ids = set(notice.get("nodes", {}))
+    t0 = time.time()
+    until = float(notice.get("deadline", t0)) + grace_s
+    while ids and time.time() < until:
+        if not ids & {n["NodeID"] for n in ray.nodes() if n.get("Alive")}:
+            break
+        time.sleep(0.25)
+    return time.time() - t0
 
 
 def handoff_marker(run_url: str) -> str:

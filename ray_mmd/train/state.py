@@ -229,11 +229,21 @@ def persist_local(src_dir: str, dst_url: str, run_url: str, num_to_keep: int) ->
         ofs.rm(opath, recursive=True)
 
 
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it registered
+
+
 def prune_orphans(run_url: str, num_to_keep: int, keep: str | None) -> list[str]:
-    """Delete checkpoint directories beyond the newest `num_to_keep`, never `keep` (the newest one that
-    verifies, restored from). Ray's checkpoint manager prunes only what it registered; an attempt whose
-    driver died leaves its later checkpoints behind, so each attempt sweeps once when it starts."""
-    doomed = [u for u in list_checkpoints(run_url)[num_to_keep:] if u != keep]
+    """Delete checkpoint directories Ray Train never registered that lie beyond the newest `num_to_keep`;
+    never `keep` (the newest one that verifies). Ray's checkpoint manager prunes only what it registered,
+    so an attempt whose driver died leaves its later checkpoints behind. Registered ones are Ray's to
+    delete (it fails on a checkpoint that is already gone)."""
+    snap = storage.join(run_url, RAY_SNAPSHOT)
+    registered = storage.read_bytes(snap).decode(errors="replace") if storage.exists(snap) else ""
+    doomed = [
+        u
+        for u in list_checkpoints(run_url)[num_to_keep:]
+        if u != keep and os.path.basename(u.rstrip("/")) not in registered
+    ]
     for url in doomed:
         try:
             fs, path = storage.filesystem(url)

@@ -8,6 +8,7 @@ verifies it (falling back to older ones if it is torn).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -159,7 +160,7 @@ def fit(cfg: TrainConfig) -> Outcome:
     if cfg.parent:
         stages.parent_checkpoint(cfg)  # fail now, on the driver, if stage N-1 has nothing to give
     from ray_mmd.train.loop import ABORTED, NonFiniteLossError
-    from ray_mmd.train.preemption import PreemptionBudgetExceeded, handoff_marker
+    from ray_mmd.train.preemption import PreemptionBudgetExceeded, handoff_marker, wait_nodes_gone
 
     aborted = storage.join(stages.run_url(cfg), ABORTED)
     storage.remove(aborted)  # an earlier attempt's: a re-run resumes from the newest checkpoint
@@ -168,6 +169,10 @@ def fit(cfg: TrainConfig) -> Outcome:
     result = build_trainer(cfg).fit()
     handoffs = 0
     while storage.exists(handoff):  # the workers checkpointed on a preemption notice and stepped aside
+        note = json.loads(storage.read_bytes(handoff).decode())
+        storage.remove(handoff)
+        if (result.metrics or {}).get("reason") == "final":  # Ray restarted it and it finished meanwhile
+            break
         handoffs += 1
         budget = cfg.run.max_preemption_failures
         if budget != -1 and handoffs > budget:
@@ -175,9 +180,14 @@ def fit(cfg: TrainConfig) -> Outcome:
                 f"run {cfg.run.name}: {handoffs} preemptions exceed run.max_preemption_failures={budget}; "
                 "re-run the same command to resume from the preemption checkpoint"
             )
-        note = storage.read_bytes(handoff).decode()
-        log.warning("preemption hand-off %d: resuming on the nodes that stay (%s)", handoffs, note)
-        storage.remove(handoff)
+        waited = wait_nodes_gone(note)
+        log.warning(
+            "preemption hand-off %d: resuming on the nodes that stay (the preempted ones left %.1f s after "
+            "the checkpoint); notice: %s",
+            handoffs,
+            waited,
+            note,
+        )
         result = build_trainer(cfg).fit()
     if storage.exists(aborted):
         raise NonFiniteLossError(storage.read_bytes(aborted).decode())
@@ -185,6 +195,8 @@ def fit(cfg: TrainConfig) -> Outcome:
         ck = storage.join(stages.run_url(cfg), os.path.basename(result.checkpoint.path.rstrip("/")))
     else:
         ck = next(iter(st.list_checkpoints(stages.run_url(cfg))), None)
+    # what attempts whose driver died left behind and the newest checkpoints have since replaced
+    st.prune_orphans(stages.run_url(cfg), cfg.checkpoint.num_to_keep, keep=ck)
     return Outcome(stages.run_url(cfg), ck, dict(result.metrics or {}))
 
 

@@ -113,6 +113,9 @@ class LocalCluster:
             "RAY_AUTH_TOKEN": secrets.token_hex(32),
             "PATH": f"{Path(PY).parent}:{os.environ.get('PATH', '')}",
             "PYTHONPATH": str(ROOT),
+            # a safety net: after a node dies, Ray Train's elastic policy may still count its CPUs for a
+            # moment and wait for a placement that never comes (60 s by default) before deciding again
+            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20",
         }
         self.env.pop("RAY_ADDRESS", None)
         self.head: Node | None = None
@@ -264,11 +267,11 @@ class StepTail(threading.Thread):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.seen: dict[str, dict[str, Any]] = {}
         self.lines: list[dict[str, Any]] = []
-        self._stop = threading.Event()
+        self._halt = threading.Event()
         self.lock = threading.Lock()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             self.poll()
             time.sleep(0.05)
 
@@ -289,7 +292,7 @@ class StepTail(threading.Thread):
                 self.lines.append(rec)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(5)
         self.poll()
 

@@ -121,3 +121,13 @@ def test_prune_orphans_keeps_the_newest_k_and_the_restored_one(tmp_path):
     st.write_checkpoint(str(run / st.checkpoint_dir_name(24, "f")), {"x": torch.tensor([24])}, {"step": 24})
     st.prune_orphans(str(run), 2, keep=urls[3])
     assert len(st.list_checkpoints(str(run))) == 3 and urls[3] in st.list_checkpoints(str(run))
+
+
+def test_prune_orphans_leaves_what_ray_registered_to_ray(tmp_path):
+    run = tmp_path / "run"
+    names = [st.checkpoint_dir_name(s, "t") for s in (4, 8, 12, 16)]
+    for n in names:
+        st.write_checkpoint(str(run / n), {"x": torch.tensor([1])}, {"step": 1})
+    (run / st.RAY_SNAPSHOT).write_text(json.dumps({"checkpoints": [str(run / names[0])]}))
+    assert st.prune_orphans(str(run), 1, keep=None) == [str(run / names[2]), str(run / names[1])]
+    assert st.list_checkpoints(str(run)) == [str(run / names[3]), str(run / names[0])]
