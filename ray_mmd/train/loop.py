@@ -455,9 +455,6 @@ class _Run:
                     if cfg.debug.step_sleep_s:
                         time.sleep(cfg.debug.step_sleep_s)
                     self._maybe_kill()
-                    d = self.preempt.poll(p.global_step)
-                    if d is not None and self.on_preemption(d, {**last_metrics, **flush()}):
-                        break
                     if p.global_step % cfg.run.log_every == 0:
                         m = flush()
                         if m:
@@ -476,6 +473,9 @@ class _Run:
                     if p.global_step % cfg.checkpoint.every_steps == 0 and self.stream.steps_left() > 0:
                         last_metrics.update(flush())
                         self.save(_plain(last_metrics), "interval")
+                    d = self.preempt.poll(p.global_step)  # a barrier every run.preemption_poll_every steps
+                    if d is not None and self.on_preemption(d, {**last_metrics, **flush()}):
+                        break
                 if self.handed_off:
                     break
                 # epoch (or chunk) done: the stream's position already points at the next one

@@ -31,7 +31,7 @@ def _after_restore(sc: Scenario, t: float, steps: int = 2) -> None:
 def test_r1_three_worker_kills_and_a_node_loss_in_one_run(cluster, packed_dataset, tmp_path, references):
     c = cluster(3)
     extra = [*DET, "run.workers=1,2", "run.max_failures=5", "run.elastic_resize_interval_s=3600"]
-    ref = reference(references, c, packed_dataset, EPOCHS, [*DET, "run.workers=2"])
+    ref = reference(references, c, packed_dataset, EPOCHS)
     sc = Scenario(
         "R1-kills-and-node-loss",
         "3 SIGKILLs of a train worker + 1 node killed, seeded random steps; 3 nodes, workers 1..2",
@@ -87,7 +87,7 @@ def test_r2_world_size_two_one_two(cluster, packed_dataset, tmp_path):
 def test_r3_driver_sigkilled_and_run_again(cluster, packed_dataset, tmp_path, references):
     c = cluster(2)
     extra = [*DET, "run.workers=2"]
-    ref = reference(references, c, packed_dataset, EPOCHS, extra)
+    ref = reference(references, c, packed_dataset, EPOCHS)
     sc = Scenario(
         "R3-driver-kill",
         "the driver SIGKILLed at a seeded step, the same command run again; 2 nodes, 2 workers",
@@ -149,7 +149,7 @@ def test_r4_storage_outage_and_torn_checkpoint(cluster, packed_dataset, tmp_path
         fs, _ = sto.filesystem("gs://chaos")
         fs.mkdir("chaos")
         extra = [*DET, "run.workers=2", "run.max_failures=6"]
-        ref = reference(references, c, packed_dataset, EPOCHS, extra)
+        ref = reference(references, c, packed_dataset, EPOCHS)
         sc = Scenario(
             "R4-storage-outage-torn",
             "GCS emulator stopped as a checkpoint is due, restarted 10 s later; then the newest checkpoint "

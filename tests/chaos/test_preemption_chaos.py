@@ -40,17 +40,17 @@ def _drain_then_kill(sc: Scenario, workers: int, deadline_s: int = 20) -> float:
 
 
 def test_r7a_drain_notice_checkpoints_and_loses_no_step(cluster, packed_dataset, tmp_path):
-    c = cluster(2)
+    c = cluster(3)
     sc = Scenario(
         "R7a-drain-deadline",
-        "ray drain-node PREEMPTION, 20 s deadline, node killed at the deadline; workers 1..2, "
+        "ray drain-node PREEMPTION, 20 s deadline, node killed at the deadline; 3 nodes, 2 workers, "
         "on_preemption=deadline",
         71,
         c,
         tmp_path,
         packed_dataset,
         EPOCHS,
-        [*BASE, "run.workers=1,2", "run.on_preemption=deadline"],
+        [*BASE, "run.workers=2", "optim.deterministic=true", "run.on_preemption=deadline"],
     ).start()
     notice = _drain_then_kill(sc, 2)
     res = sc.finish()
@@ -66,7 +66,7 @@ def test_r7a_drain_notice_checkpoints_and_loses_no_step(cluster, packed_dataset,
 def test_r7b_sigterm_to_ray_start_is_a_preemption_notice(cluster, packed_dataset, tmp_path, references):
     c = cluster(3)
     extra = [*BASE, "run.workers=2", "optim.deterministic=true", "run.on_preemption=deadline"]
-    ref = reference(references, c, packed_dataset, EPOCHS, [e for e in extra if "sleep" not in e])
+    ref = reference(references, c, packed_dataset, EPOCHS)
     sc = Scenario(
         "R7b-sigterm",
         "SIGTERM to a worker node's `ray start --block` (Ray drains it: PREEMPTION, 30 s deadline); "
@@ -97,21 +97,21 @@ def test_r7b_sigterm_to_ray_start_is_a_preemption_notice(cluster, packed_dataset
 
 
 @pytest.mark.chaos
-def test_r7c_handoff_right_after_the_notice(cluster, packed_dataset, tmp_path):
-    c = cluster(2)
+def test_r7c_handoff_right_after_the_notice(cluster, packed_dataset, tmp_path, references):
+    c = cluster(3)
     sc = Scenario(
         "R7c-drain-handoff",
-        "as R7a, on_preemption=handoff (move to the surviving node right after the notice checkpoint)",
+        "as R7a (same seed), on_preemption=handoff: move to the other nodes right after the notice checkpoint",
         71,
         c,
         tmp_path,
         packed_dataset,
         EPOCHS,
-        [*BASE, "run.workers=1,2", "run.on_preemption=handoff"],
+        [*BASE, "run.workers=2", "optim.deterministic=true", "run.on_preemption=handoff"],
     ).start()
     notice = _drain_then_kill(sc, 2)
-    res = sc.finish()
+    res = sc.finish(reference=reference(references, c, packed_dataset, EPOCHS))
     res.notice_to_checkpoint_s = sc.jit_checkpoints(notice)
     write_report(res)
-    assert res.notices == 1 and len(res.notice_to_checkpoint_s) == 1
+    assert res.notices == 1 and len(res.notice_to_checkpoint_s) == 1 and res.bitwise
     assert res.exactly_once and res.steps_lost == 0
