@@ -46,6 +46,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+
+
 def _procs() -> dict[int, tuple[int, str]]:
     """pid -> (parent pid, command line), from /proc."""
     out = {}
@@ -507,20 +517,39 @@ def rng(seed: int) -> random.Random:
     return random.Random(seed)
 
 
+def _code_digest() -> str:
+    """What the reference's weights depend on: the trainer's source."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted((ROOT / "ray_mmd").rglob("*.py")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def reference(refs: dict, cluster: LocalCluster, data: str, epochs: int) -> Path:
     """The uninterrupted run the fixed-world-size scenarios compare with bitwise: 2 workers, deterministic,
     the same schedule (checkpoint cadence, failure budgets and step sleeps do not change the weights).
-    Trained once per session."""
+    Trained once per (trainer source, dataset, epochs) and kept under runs/chaos/reference."""
+    import hashlib
+
     extra = ["run.workers=2", "optim.deterministic=true", "checkpoint.every_steps=4"]
-    if epochs not in refs["runs"]:
-        name = f"ref{epochs}"
-        d = Driver(
-            cluster, run_args(data, str(refs["dir"]), name, epochs, *extra), refs["dir"] / f"{name}.log"
-        )
-        rc = d.start().wait(300)
-        assert rc == 0, d.output()[-4000:]
-        refs["runs"][epochs] = refs["dir"] / name
-    return refs["runs"][epochs]
+    manifest = (Path(data) / "manifest.json").read_bytes()
+    key = f"ref-e{epochs}-{_code_digest()}-{hashlib.sha256(manifest).hexdigest()[:8]}"
+    store = REPORT_DIR / "reference"
+    if key not in refs["runs"]:
+        run = store / key
+        try:
+            from ray_mmd.train import state as st
+
+            st.final_checkpoint(str(run))
+        except Exception:
+            store.mkdir(parents=True, exist_ok=True)
+            d = Driver(cluster, run_args(data, str(store), key, epochs, *extra), store / f"{key}.log")
+            rc = d.start().wait(300)
+            assert rc == 0, d.output()[-4000:]
+        refs["runs"][key] = run
+    return refs["runs"][key]
 
 
 class Scenario:
