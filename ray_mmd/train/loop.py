@@ -246,7 +246,7 @@ class _Run:
                 )
         self.token = uuid.uuid4().hex[:6]
         self.preempt = PreemptionWatch.from_config(cfg.run, self.rank, enabled=not self.local_mode)
-        self.stop_after_epoch = False  # a preemption checkpoint asked at an epoch's last step
+        self.pending: Decision | None = None  # a preemption checkpoint asked at an epoch's last step
         self.handed_off = False
         if self.rank == 0:
             log.info(
@@ -296,11 +296,12 @@ class _Run:
             else ray.train.CheckpointUploadMode.ASYNC,
         )
 
-    def on_preemption(self, d: Decision, metrics: dict[str, Any]) -> bool:
+    def on_preemption(self, d: Decision, metrics: dict[str, Any], reason: str | None = None) -> bool:
         """A notice (or its deadline): checkpoint this step now, synchronously and verified; True = stop and
-        hand the run over (see ray_mmd/train/preemption.py)."""
+        hand the run over (see ray_mmd/train/preemption.py). At an epoch's last step the epoch-end
+        checkpoint is the one (`reason` = its reason), right after the evaluation."""
         step, n = self.progress.global_step, d.notice
-        if self.writer is not None and d.reason == "preempt-notice":
+        if self.writer is not None and d.reason == "preempt-notice" and reason is None:
             self.writer.scalars(
                 step,
                 {"preempt/notices": self.preempt.notices, "preempt/deadline_in_s": n.deadline - n.seen_at},
@@ -308,11 +309,11 @@ class _Run:
             )
         if not d.checkpoint:
             return False
-        if self.stream.steps_left() == 0:  # the epoch-end checkpoint follows right away
-            self.stop_after_epoch = self.stop_after_epoch or d.stop
+        if reason is None and self.stream.steps_left() == 0:  # the epoch-end checkpoint follows at once
+            self.pending = d
             return False
         t0 = time.time()
-        self.save(_plain(metrics), d.reason, sync=True)
+        self.save(_plain(metrics), reason or d.reason, sync=True)
         ok = True
         if self.rank == 0:
             try:
@@ -345,9 +346,10 @@ class _Run:
                 },
                 kind="preemption",
             )
-        if d.stop and ok:
+        stop = d.stop and ok and not self.stream.done
+        if stop:
             self.hand_off()
-        return d.stop and ok
+        return stop
 
     def hand_off(self) -> None:
         """End this attempt cleanly; the driver sees the marker and fits again on the nodes that stay."""
@@ -490,10 +492,12 @@ class _Run:
                     self.writer.scalars(p.global_step, data, kind="data")
                     self.writer.scalars(p.global_step, {f"eval/{k}": v for k, v in ev.items()}, kind="eval")
                 reason = "final" if self.stream.done else "epoch"
-                self.save(_plain(last_metrics), reason, sync=self.stop_after_epoch)
-                if self.stop_after_epoch and not self.stream.done:
-                    self.hand_off()
-                    break
+                if self.pending is not None:
+                    d, self.pending = self.pending, None
+                    if self.on_preemption(d, _plain(last_metrics), reason=reason):
+                        break
+                else:
+                    self.save(_plain(last_metrics), reason)
         if bar is not None:
             bar.close()
         if self.writer is not None:
