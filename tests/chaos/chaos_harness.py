@@ -40,6 +40,15 @@ FAST_HEALTH = {
 }
 
 
+def ckpt_module():
+    """Where the checkpoint files' functions live (ray_mmd.train.checkpoint after the train/ split)."""
+    try:
+        from ray_mmd.train import checkpoint
+    except ImportError:
+        from ray_mmd.train import state as checkpoint
+    return checkpoint
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -436,7 +445,8 @@ def analyse(
     import torch
 
     from ray_mmd.data import manifest as mf
-    from ray_mmd.train import state as st
+
+    st = ckpt_module()
 
     sd, _, _ = st.final_checkpoint(str(run_dir))
     steps = sd["ids"]["steps"]
@@ -540,9 +550,7 @@ def reference(refs: dict, cluster: LocalCluster, data: str, epochs: int) -> Path
     if key not in refs["runs"]:
         run = store / key
         try:
-            from ray_mmd.train import state as st
-
-            st.final_checkpoint(str(run))
+            ckpt_module().final_checkpoint(str(run))
         except Exception:
             store.mkdir(parents=True, exist_ok=True)
             d = Driver(cluster, run_args(data, str(store), key, epochs, *extra), store / f"{key}.log")

@@ -119,8 +119,11 @@ def test_r3_driver_sigkilled_and_run_again(cluster, packed_dataset, tmp_path, re
 def test_r4_storage_outage_and_torn_checkpoint(cluster, packed_dataset, tmp_path, references):
     """GCS emulator (on disk, so a restart keeps the bucket) stopped as a checkpoint is due and restarted
     10 s later; then the newest checkpoint is truncated on storage and a worker killed (fallback)."""
+    from chaos_harness import ckpt_module
+
     from ray_mmd import storage as sto
-    from ray_mmd.train import state as st
+
+    st = ckpt_module()
 
     port = free_port()
     emu_dir = tmp_path / "emu"
