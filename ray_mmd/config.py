@@ -105,7 +105,7 @@ class RunConfig:
     # move on; "handoff" = checkpoint now and move on; "ignore" = log and count only
     preemption_poll_every: int = 5
     on_preemption: str = "deadline"
-    preemption_margin_s: float = 5.0
+    preemption_margin_s: float = 8.0
     elastic_resize_interval_s: float = 60.0
     log_every: int = 10
     nan_abort_after: int = 5

@@ -98,7 +98,7 @@ class PreemptionWatch:
 
     cadence: int
     mode: str = "deadline"
-    margin_s: float = 5.0
+    margin_s: float = 8.0
     rank: int = 0
     enabled: bool = True
     probe: Callable[[], Any] | None = None
