@@ -197,6 +197,18 @@ class PreemptionWatch:
             self._last = (self._last[0], self._last[1] + seconds)
 
 
+WATCHER_POLL_S = "1"  # Ray Train's preemption watcher asks GCS for drains this often (Ray's default: 5 s)
+
+
+def watch_drains_often() -> None:
+    """Driver side, before fit: a notice reaches the workers within ~1 s instead of up to 5 s (one cheap
+    GCS call a second). Ray Train propagates the variable from the driver to its controller; a value the
+    user set wins."""
+    import os
+
+    os.environ.setdefault("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", WATCHER_POLL_S)
+
+
 def wait_nodes_gone(notice: dict[str, Any], grace_s: float = 10.0) -> float:
     """Driver side, after a hand-off: wait until the preempted nodes have left the cluster (a draining node
     shuts itself down once idle, i.e. once our workers on it are gone), at most until the deadline plus

@@ -160,12 +160,18 @@ def fit(cfg: TrainConfig) -> Outcome:
     if cfg.parent:
         stages.parent_checkpoint(cfg)  # fail now, on the driver, if stage N-1 has nothing to give
     from ray_mmd.train.loop import ABORTED, NonFiniteLossError
-    from ray_mmd.train.preemption import PreemptionBudgetExceeded, handoff_marker, wait_nodes_gone
+    from ray_mmd.train.preemption import (
+        PreemptionBudgetExceeded,
+        handoff_marker,
+        wait_nodes_gone,
+        watch_drains_often,
+    )
 
     aborted = storage.join(stages.run_url(cfg), ABORTED)
     storage.remove(aborted)  # an earlier attempt's: a re-run resumes from the newest checkpoint
     handoff = handoff_marker(stages.run_url(cfg))
     storage.remove(handoff)
+    watch_drains_often()
     result = build_trainer(cfg).fit()
     handoffs = 0
     while storage.exists(handoff):  # the workers checkpointed on a preemption notice and stepped aside
