@@ -396,7 +396,10 @@ class Result:
 
     def row(self) -> list[str]:
         nxt = [f.next_step_s for f in self.faults if f.next_step_s is not None]
-        bit = "n/a (world changed)" if self.bitwise is None else ("yes" if self.bitwise else "NO")
+        if self.bitwise is None:
+            bit = "n/a (world changed)" if len(set(self.worlds)) > 1 else "not compared"
+        else:
+            bit = "yes" if self.bitwise else "NO"
         return [
             self.scenario,
             ", ".join(sorted({f.kind for f in self.faults})) + f" ({len(self.faults)})",
@@ -582,7 +585,12 @@ class Scenario:
         self.storage = storage or str(tmp / "runs")
         self.run_dir = Path(self.storage) / name if tail_dir is None else tail_dir
         self.tail = StepTail(self.run_dir)
-        self.driver = Driver(cluster, run_args(data, self.storage, name, epochs, *extra), tmp / f"{name}.log")
+        logs = REPORT_DIR / "logs"  # kept with the report (pytest's temp dirs are rotated away)
+        logs.mkdir(parents=True, exist_ok=True)
+        (logs / f"{name}.log").unlink(missing_ok=True)
+        self.driver = Driver(
+            cluster, run_args(data, self.storage, name, epochs, *extra), logs / f"{name}.log"
+        )
         self.t0 = time.time()
 
     def start(self) -> Scenario:
@@ -601,8 +609,12 @@ class Scenario:
         rc = self.driver.wait(timeout)
         self.tail.stop()
         assert rc == 0, self.driver.output()[-5000:]
-        analyse(self.res, run_dir or self.run_dir, self.data, self.epochs, self.tail, reference)
         self.res.wall_s = round(time.time() - self.t0, 1)
+        analyse(self.res, run_dir or self.run_dir, self.data, self.epochs, self.tail, reference)
+        out = self.driver.output()
+        for line in out.splitlines():  # how long each hand-off waited for the preempted node to go
+            if "preemption hand-off" in line and "left" in line:
+                self.res.notes.append(line.split("ray_mmd.train: ", 1)[-1].split("; notice")[0])
         write_report(self.res)
         return self.res
 

@@ -99,6 +99,7 @@ def test_r7b_sigterm_to_ray_start_is_a_preemption_notice(cluster, packed_dataset
 @pytest.mark.chaos
 def test_r7c_handoff_right_after_the_notice(cluster, packed_dataset, tmp_path, references):
     c = cluster(3)
+    ref = reference(references, c, packed_dataset, EPOCHS)
     sc = Scenario(
         "R7c-drain-handoff",
         "as R7a (same seed), on_preemption=handoff: move to the other nodes right after the notice checkpoint",
@@ -110,7 +111,7 @@ def test_r7c_handoff_right_after_the_notice(cluster, packed_dataset, tmp_path, r
         [*BASE, "run.workers=2", "optim.deterministic=true", "run.on_preemption=handoff"],
     ).start()
     notice = _drain_then_kill(sc, 2)
-    res = sc.finish(reference=reference(references, c, packed_dataset, EPOCHS))
+    res = sc.finish(reference=ref)
     res.notice_to_checkpoint_s = sc.jit_checkpoints(notice)
     write_report(res)
     assert res.notices == 1 and len(res.notice_to_checkpoint_s) == 1 and res.bitwise
