@@ -108,7 +108,7 @@ def test_r3_driver_sigkilled_and_run_again(cluster, packed_dataset, tmp_path, re
     sc.driver.start()
     sc.fault("same command again", "")
     res = sc.finish(reference=ref)
-    left = sorted(p.name for p in sc.run_dir.glob("checkpoint_*"))
+    left = sorted(p.name for p in sc.run_dir.glob("checkpoint_*") if p.is_dir())
     res.notes.append(f"checkpoint dirs left: {len(left)} (num_to_keep 3)")
     write_report(res)
     assert f.next_step_s is not None
