@@ -19,8 +19,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import write_result  # noqa: E402
+from ray_mmd.config import DataConfig  # noqa: E402
+from ray_mmd.data.order import Chunk  # noqa: E402
 from ray_mmd.data.pack import make_synthetic  # noqa: E402
-from ray_mmd.data.stream import Chunk, DataStream, StreamConfig, clear_process_caches  # noqa: E402
+from ray_mmd.data.stream import DataStream, StreamConfig  # noqa: E402
+from ray_mmd.data.transforms import forget_bg_tables  # noqa: E402
 
 
 def one_core_decode(root: str, size: int, n: int = 200) -> float:
@@ -58,11 +61,11 @@ def main() -> None:
         for size, G in ((224, 64), (56, 512)):
             out = res[str(size)] = {"one_core_decode_samples_s": one_core_decode(root, size)}
             for backend, w in runs:
-                clear_process_caches()
+                forget_bg_tables()
                 s = DataStream(
                     StreamConfig(
-                        data=root, image_size=size, global_batch_size=G, chunks=[Chunk(0, n, 3)],
-                        workers=w, backend=backend,
+                        DataConfig(url=root, image_size=size, global_batch_size=G, backend=backend),
+                        chunks=[Chunk(0, n, 3)], workers=w,
                     )
                 )  # fmt: skip
                 rates = []

@@ -21,8 +21,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks._common import write_result  # noqa: E402
+from ray_mmd.config import DataConfig  # noqa: E402
+from ray_mmd.data.order import Chunk  # noqa: E402
 from ray_mmd.data.pack import make_synthetic  # noqa: E402
-from ray_mmd.data.stream import Chunk, DataStream, StreamConfig, clear_process_caches  # noqa: E402
+from ray_mmd.data.stream import DataStream, StreamConfig  # noqa: E402
+from ray_mmd.data.transforms import forget_bg_tables  # noqa: E402
 from ray_mmd.losses import MultiTaskLoss  # noqa: E402
 from ray_mmd.models import build_model  # noqa: E402
 from ray_mmd.train.step import AmpPolicy, make_optimizer, train_step  # noqa: E402
@@ -34,14 +37,11 @@ def stage(
     cuda = dev.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     cfg = StreamConfig(
-        data=root,
-        image_size=size,
-        global_batch_size=G,
+        DataConfig(url=root, image_size=size, global_batch_size=G, decoded_preload_bytes=preload),
         chunks=[Chunk(0, n, 4)],
         workers=0,
-        decoded_preload_bytes=preload,
     )
-    clear_process_caches()
+    forget_bg_tables()
     s = DataStream(cfg)
     fin, fin_cpu = s.finisher().to(dev), s.finisher()
     policy = AmpPolicy.for_device(dev)

@@ -30,9 +30,11 @@ import torch  # noqa: E402
 from _stream_data import source_and_pack, table, write_json  # noqa: E402
 from original_loader import extract_chunk, original_loader  # noqa: E402
 
+from ray_mmd.config import DataConfig  # noqa: E402
 from ray_mmd.data import manifest as mf  # noqa: E402
-from ray_mmd.data import stream as stream_mod  # noqa: E402
-from ray_mmd.data.stream import Chunk, DataStream, StreamConfig  # noqa: E402
+from ray_mmd.data.order import Chunk  # noqa: E402
+from ray_mmd.data.stream import DataStream, StreamConfig  # noqa: E402
+from ray_mmd.data.transforms import forget_bg_tables  # noqa: E402
 
 
 def decode_limit(packed: str, size: int, n: int = 150) -> float:
@@ -60,7 +62,7 @@ def _cpu() -> float:
 def run_stream(cfg: StreamConfig, epochs: int = 1, finish: bool = False) -> list[tuple[int, float, float]]:
     """(samples, wall seconds, CPU seconds) of each epoch, first batch included; `finish`: model
     tensors made on the CPU too."""
-    stream_mod.clear_process_caches()
+    forget_bg_tables()
     s = DataStream(cfg)
     batches = s.model_batches if finish else s.epoch_batches
     out = []
@@ -93,7 +95,7 @@ def shared_preload_epoch2(cfg: StreamConfig) -> float:
     import ray
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    stream_mod.clear_process_caches()
+    forget_bg_tables()
     cfg = dataclasses.replace(cfg, preload_shared=True, preload_group="bench")
     r0, r1 = DataStream(cfg, 0, 2), ray.remote(num_cpus=0)(_RemoteRank).remote(cfg)
     for _ in range(2):
@@ -136,7 +138,9 @@ def main() -> None:
         # time to first batch is P2/P5's figure); every epoch of the original loader forks its workers
         # again, as the original did, so each of its epochs is alike
         cfg = StreamConfig(
-            data=packed, image_size=224, global_batch_size=G, chunks=[Chunk(0, n, 3)], workers=cores
+            DataConfig(url=packed, image_size=224, global_batch_size=G),
+            chunks=[Chunk(0, n, 3)],
+            workers=cores,
         )
         lim1 = decode_limit(packed, 224)
         # interleaved, best of `rounds`: the machine is shared and noisy
@@ -164,12 +168,9 @@ def main() -> None:
         }
         # ---- P1b at 56, decoded preload, second epoch ----
         cfg56 = StreamConfig(
-            data=packed,
-            image_size=56,
-            global_batch_size=G,
+            DataConfig(url=packed, image_size=56, global_batch_size=G, decoded_preload_bytes=2 << 30),
             chunks=[Chunk(0, n, 2)],
             workers=cores,
-            decoded_preload_bytes=2 << 30,
         )
         (e1n, e1t, _), (e2n, e2t, _) = run_stream(cfg56, epochs=2)
         o56n, o56t, _ = run_original(rows, 56, man.stats, G)
@@ -185,7 +186,7 @@ def main() -> None:
             ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False)
             try:
                 rn, rt, _ = max(
-                    run_stream(dataclasses.replace(cfg, backend="ray"), epochs=3)[1:],
+                    run_stream(cfg.with_data(backend="ray"), epochs=3)[1:],
                     key=lambda r: r[0] / r[1],
                 )
                 res["p1"]["ray_data_img_s"] = rn / rt

@@ -31,9 +31,10 @@ def _rss() -> int:
 
 def child(url: str, gbs: int = 256) -> None:
     """One epoch at 56x56, global batch `gbs`; prints JSON {base, peak, samples}."""
+    from ray_mmd.config import DataConfig
     from ray_mmd.data.stream import DataStream, StreamConfig
 
-    s = DataStream(StreamConfig(data=url, image_size=56, global_batch_size=gbs))
+    s = DataStream(StreamConfig(DataConfig(url=url, image_size=56, global_batch_size=gbs)))
     s.steps_in_epoch()  # the epoch's order is part of the pipeline's memory, but build it after `base`
     base = _rss()
     peak = [base]

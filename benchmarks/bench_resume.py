@@ -23,15 +23,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from _stream_data import replicate, table, write_json  # noqa: E402
 from conftest import GcsEmulator  # noqa: E402
 
-from ray_mmd.data import stream as stream_mod  # noqa: E402
+from ray_mmd.config import DataConfig  # noqa: E402
 from ray_mmd.data.stream import DataStream, StreamConfig  # noqa: E402
+from ray_mmd.data.transforms import forget_bg_tables  # noqa: E402
 
 
 def first_batch_s(url: str, work: str, consumed_frac: float = 0.0, G: int = 256) -> float:
     """Seconds from a fresh stream (cold process and node cache) to its first batch."""
-    stream_mod.clear_process_caches()
+    forget_bg_tables()
     cache = tempfile.mkdtemp(dir=work, prefix="cache-")
-    cfg = StreamConfig(data=url, image_size=56, global_batch_size=G, cache_dir=cache, cache_bytes=4 << 30)
+    cfg = StreamConfig(
+        DataConfig(url=url, image_size=56, global_batch_size=G, cache_bytes=4 << 30), cache_dir=cache
+    )
     state = None
     if consumed_frac:
         probe = DataStream(cfg)

@@ -69,7 +69,8 @@ def plain_loop(cfg, skip: int) -> tuple[float, int]:
     from ray_mmd.data.stream import DataStream
     from ray_mmd.losses import MultiTaskLoss
     from ray_mmd.models import build_model
-    from ray_mmd.train.loop import build_optimizer, chunk_schedule, stream_config
+    from ray_mmd.train.inputs import chunk_schedule, stream_config
+    from ray_mmd.train.optim import build_optimizer
     from ray_mmd.train.step import AmpPolicy, train_step
 
     torch.set_num_threads(int(cfg.run.cpus_per_worker))

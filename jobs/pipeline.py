@@ -7,7 +7,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir `ray job submit` uploads
 
-from ray_mmd.train.trainer import run_pipeline  # noqa: E402
+from ray_mmd import cli  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(run_pipeline(sys.argv[1:]))
+    sys.exit(cli.main(["pipeline", *sys.argv[1:]]))

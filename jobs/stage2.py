@@ -1,4 +1,4 @@
-"""Stage 2 job: `python jobs/stage2.py --config jobs/configs/stage2.yaml [--run-name N] [--storage URL]
+"""Stage 2 job: `python jobs/stage2.py --config jobs/configs/stage2.yaml [-v] [--run-name N] [--storage URL]
 [--data URL] [--workers MIN,MAX] [key=value ...]`, directly (starts a local Ray) or via `ray job submit`."""
 
 import sys
@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir `ray job submit` uploads
 
-from ray_mmd.train.trainer import run_cli  # noqa: E402
+from ray_mmd import cli  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(run_cli(sys.argv[1:], stage=2))
+    sys.exit(cli.main(["train", "--stage", "2", *sys.argv[1:]]))

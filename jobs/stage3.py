@@ -1,4 +1,4 @@
-"""Stage 3 job: `python jobs/stage3.py --config jobs/configs/stage3.yaml [--run-name N] [--storage URL]
+"""Stage 3 job: `python jobs/stage3.py --config jobs/configs/stage3.yaml [-v] [--run-name N] [--storage URL]
 [--data URL] [--workers MIN,MAX] [key=value ...]`, directly (starts a local Ray) or via `ray job submit`."""
 
 import sys
@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir `ray job submit` uploads
 
-from ray_mmd.train.trainer import run_cli  # noqa: E402
+from ray_mmd import cli  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(run_cli(sys.argv[1:], stage=3))
+    sys.exit(cli.main(["train", "--stage", "3", *sys.argv[1:]]))

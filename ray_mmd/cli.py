@@ -1,7 +1,8 @@
-"""The `ray-mmd` command line: `data synth|pack|inspect` and `train` (forwarded to the trainer).
+"""The `ray-mmd` command line, all of its argument parsing: `train`, `pipeline`, `data synth|pack|inspect`.
 
-A UserError ends the command with its one-line message on stderr and exit code 2, no traceback;
-anything else is a bug and keeps its traceback.
+A UserError ends the command with its one-line message on stderr and exit code 2, no traceback; a run
+that fails or stops on a NaN streak exits 1 with one line; anything else is a bug and keeps its traceback.
+`-v` (before or after the command) turns on debug logging and Ray's own logs.
 """
 
 from __future__ import annotations
@@ -10,19 +11,41 @@ import argparse
 import json
 import logging
 import sys
+from typing import Any
 
 from ray_mmd.errors import UserError
 
 EXIT_USER_ERROR = 2
+DEFAULT_PIPELINE = "jobs/configs/stage1.yaml,jobs/configs/stage2.yaml,jobs/configs/stage3.yaml"
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    """What `train` and `pipeline` share: where the run and the data live, and config overrides."""
+    p.add_argument("--run-name", help="run name (same name + storage = resume)")
+    p.add_argument("--storage", help="where runs live: local dir, Colab Drive path or gs://bucket/path")
+    p.add_argument("--data", help="packed dataset URL")
+    p.add_argument("--workers", help="MIN,MAX workers (elastic when MIN < MAX) or N")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. optim.lr=0.01")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ray-mmd", description=__doc__.splitlines()[0])
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    sub.add_parser(
-        "train", help="train (arguments go to the trainer; `ray-mmd train --help`)", add_help=False
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging"
     )
+    p = argparse.ArgumentParser(prog="ray-mmd", description=__doc__.splitlines()[0], parents=[verbose])
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", parents=[verbose], help="train one stage on Ray Train (resumes if re-run)")
+    t.add_argument("--config", help="YAML config (jobs/configs/*.yaml); defaults otherwise")
+    t.add_argument("--stage", type=int, help="stage 1, 2 or 3 (overrides the config's)")
+    t.add_argument("--parent", help="previous stage's run name (or checkpoint URL)")
+    _train_args(t)
+
+    pl = sub.add_parser("pipeline", parents=[verbose], help="stages 1 -> 2 -> 3, each resumable")
+    pl.add_argument("--configs", default=DEFAULT_PIPELINE, help="the three stage configs, comma-separated")
+    _train_args(pl)
+
     data = sub.add_parser("data", help="generate, pack and inspect datasets")
     dsub = data.add_subparsers(dest="data_cmd", required=True)
 
@@ -51,30 +74,95 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _train(argv: list[str]) -> int:
+def train_config(
+    args: argparse.Namespace,
+    *,
+    config: str | None,
+    stage: int | None,
+    run_name: str | None,
+    parent: str | None,
+):
+    """The TrainConfig of one stage: the YAML, then the flags, then key=value overrides, validated once."""
+    from ray_mmd.config import load
+
+    if args.workers is not None and args.workers.replace(" ", "") in ("0", "0,0"):
+        raise UserError("--workers 0: a run needs at least one worker; give --workers N or MIN,MAX (N >= 1)")
+    ov = [f"stage={stage}"] if stage is not None else []
+    flags = {
+        "run.name": run_name,
+        "run.storage": args.storage,
+        "data.url": args.data,
+        "run.workers": args.workers,
+        "parent": parent,
+    }
+    ov += [f"{k}={v}" for k, v in flags.items() if v is not None] + list(args.overrides)
+    if getattr(args, "verbose", False):
+        ov.append("run.verbose=true")
+    return load(config, ov)
+
+
+def summary(out: Any) -> str:
+    """What the user needs after a run: the numbers and where everything is."""
+    from ray_mmd.storage import join
+
+    m, url = out.metrics, out.run_url
+    ev = {k[5:]: v for k, v in m.items() if k.startswith("eval/")}
+    lines = [f"run finished at step {m.get('step', '?')}"]
+    if ev:
+        lines.append("held-out metrics: " + "  ".join(f"{k}={v:.4f}" for k, v in sorted(ev.items())))
+    lines += [
+        f"metrics:     {join(url, 'metrics.jsonl')}  (TensorBoard: {join(url, 'tensorboard')})",
+        f"PNG grid:    {join(url, 'grid_latest.png')}  (every eval: {join(url, 'grids')})",
+        f"checkpoint:  {out.checkpoint}",
+    ]
+    return "\n".join(lines)
+
+
+def _fit(cfg: Any) -> int:
+    """Connect, fit, print the summary; a failed or stopped run prints one line and returns 1."""
+    from ray.train import TrainingFailedError
+
+    from ray_mmd.train import trainer
+    from ray_mmd.train.metrics import NonFiniteLossError
+    from ray_mmd.train.preemption import PreemptionBudgetExceeded
+
     try:
-        from ray_mmd.train.trainer import main as train_main
-    except ModuleNotFoundError as e:
-        if e.name and e.name.startswith("ray_mmd"):
-            raise UserError(
-                "training is not available in this install (ray_mmd.train.trainer missing)"
-            ) from e
-        raise
-    return int(train_main(argv) or 0)
+        out = trainer.fit(cfg)
+    except (NonFiniteLossError, PreemptionBudgetExceeded) as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+        return 1
+    except TrainingFailedError as e:  # Ray has already logged the worker traceback
+        print(f"training failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e}", file=sys.stderr)
+        return 1
+    print(summary(out), flush=True)
+    return 0
+
+
+def _pipeline(args: argparse.Namespace) -> int:
+    """Stages 1, 2, 3 in order; stage N's parent is stage N-1's run. Each stage resumes if re-run."""
+    parent = None
+    for n, path in enumerate(args.configs.split(","), start=1):
+        name = f"{args.run_name}-stage{n}" if args.run_name else None
+        cfg = train_config(args, config=path, stage=n, run_name=name, parent=parent)
+        print(f"== stage {n}: {path}", flush=True)
+        rc = _fit(cfg)
+        if rc:
+            return rc
+        parent = cfg.run.name
+    return 0
 
 
 def _run(argv: list[str]) -> int:
-    if argv[:1] == ["train"]:
-        return _train(argv[1:])
-    # `-v train ...` also forwards
-    if argv[:2] in (["-v", "train"], ["--verbose", "train"]):
-        logging.getLogger().setLevel(logging.DEBUG)
-        return _train(argv[2:])
     args = _parser().parse_args(argv)
-    if args.verbose:
+    if getattr(args, "verbose", False):
         logging.getLogger().setLevel(logging.DEBUG)
-    if args.cmd == "train":  # pragma: no cover - handled above
-        return _train([])
+    if args.cmd == "train":
+        cfg = train_config(
+            args, config=args.config, stage=args.stage, run_name=args.run_name, parent=args.parent
+        )
+        return _fit(cfg)
+    if args.cmd == "pipeline":
+        return _pipeline(args)
     if args.data_cmd == "synth":
         from ray_mmd.data import synth
 
@@ -120,7 +208,7 @@ def _run(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         return _run(argv)
     except UserError as e:

@@ -10,11 +10,20 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from ray_mmd.errors import UserError
+
+# Every choice is a Literal: `_coerce` rejects anything else with a one-line UserError naming the key.
+Backend = Literal["auto", "thread", "process", "ray"]  # who decodes (auto: threads up to 4 workers)
+ModelName = Literal["unet", "unet224", "resnet18_unet", "resnet50"]  # = ray_mmd.models.model_names()
+OptimizerName = Literal["adamw", "adam", "sgd"]
+Schedule = Literal["onecycle", "cosine", "constant"]  # all by global step
+AmpMode = Literal["auto", "off", "bf16", "fp16"]
+UseGpu = Literal["auto", "true", "false"]
+OnPreemption = Literal["deadline", "handoff", "ignore"]  # what a preemption notice makes the run do
 
 
 @dataclass
@@ -43,7 +52,7 @@ class DataConfig:
     # remote data (gs://); off for a local path. A Colab Drive mount is a slow local path: set a dir.
     cache_dir: str | None = "auto"
     cache_bytes: int = 2 << 30
-    backend: str = "auto"  # who decodes: auto (threads up to 4 workers, else processes), thread, process, ray
+    backend: Backend = "auto"
     decode_workers: int = 0  # per rank; 0 = the node's cores / ranks on the node
     decoded_preload_bytes: int = 0
     max_bad_fraction: float = 0.01
@@ -52,13 +61,13 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "unet"
+    name: ModelName = "unet"
     width: int = 64
 
 
 @dataclass
 class LossConfig:
-    mask: str = "l1+dice"
+    mask: str = "l1+dice"  # a loss spec: names from ray_mmd.losses.LOSSES joined by "+"
     depth: str = "rmse+ssim"
     mask_weight: float = 1.0
     depth_weight: float = 1.0
@@ -66,14 +75,14 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"  # adamw | sgd
+    name: OptimizerName = "adamw"
     lr: float = 1e-3
     weight_decay: float = 1e-4
     momentum: float = 0.9
-    schedule: str = "onecycle"  # onecycle | cosine | constant (all by global step)
+    schedule: Schedule = "onecycle"
     warmup_fraction: float = 0.1
     grad_clip: float | None = 1.0
-    amp: str = "auto"  # auto | off | bf16 | fp16
+    amp: AmpMode = "auto"
     deterministic: bool = False
 
 
@@ -96,7 +105,7 @@ class RunConfig:
     storage: str = "runs"
     # [min, max]; min < max = elastic; [0, 0] = in-process (no Ray cluster; debugging, tests)
     workers: list[int] = field(default_factory=lambda: [1, 1])
-    use_gpu: str = "auto"  # auto | true | false
+    use_gpu: UseGpu = "auto"
     cpus_per_worker: float = 1.0
     max_failures: int = 3  # real errors (-1: no limit); preemptions never use it up
     max_preemption_failures: int = -1  # preemptions (-1: no limit)
@@ -104,7 +113,7 @@ class RunConfig:
     # on a notice: "deadline" = checkpoint now, train on, checkpoint again just before the deadline and
     # move on; "handoff" = checkpoint now and move on; "ignore" = log and count only
     preemption_poll_every: int = 5
-    on_preemption: str = "deadline"
+    on_preemption: OnPreemption = "deadline"
     preemption_margin_s: float = 8.0
     elastic_resize_interval_s: float = 60.0
     log_every: int = 10
@@ -112,6 +121,7 @@ class RunConfig:
     progress: bool = True
     profile: bool = False
     ray_address: str | None = None  # None: RAY_ADDRESS if set, else a new local Ray
+    verbose: bool = False  # Ray's own INFO logs and warnings on the console (`ray-mmd -v`)
 
 
 @dataclass
@@ -161,6 +171,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     """Turn a YAML value or a command-line string into `tp`, or raise a UserError naming `key`."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if origin is Literal:
+        if value not in args:
+            raise UserError(f"config {key}: {value!r} is not one of {', '.join(map(str, args))}")
+        return value
     if origin in (typing.Union, types.UnionType):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "~")):
             if type(None) in args:
@@ -275,10 +289,6 @@ def validate(cfg: TrainConfig) -> None:
     )
     _check(d.epochs >= 1, "config data.epochs: must be >= 1")
     _check(0.0 <= d.flip_p <= 1.0, "config data.flip_p: must be in [0, 1]")
-    _check(
-        d.backend in ("auto", "thread", "process", "ray"),
-        f"config data.backend: {d.backend!r} is not auto, thread, process or ray",
-    )
     _check(d.decode_workers >= 0, "config data.decode_workers: must be >= 0 (0 = cores / ranks per node)")
     for c in d.chunks or []:
         _check(
@@ -286,16 +296,8 @@ def validate(cfg: TrainConfig) -> None:
             f"config data.chunks: {c} is not [lo, hi, epochs] with lo < hi and epochs >= 1",
         )
     _check(cfg.model.width >= 1, "config model.width: must be >= 1")
+    _check_loss(cfg.loss)
     _check(o.lr > 0, "config optim.lr: must be > 0")
-    _check(o.name in ("adamw", "sgd", "adam"), f"config optim.name: {o.name!r} is not adamw, adam or sgd")
-    _check(
-        o.schedule in ("onecycle", "cosine", "constant"),
-        f"config optim.schedule: {o.schedule!r} is not onecycle, cosine or constant",
-    )
-    _check(
-        o.amp in ("auto", "off", "bf16", "fp16"),
-        f"config optim.amp: {o.amp!r} is not auto, off, bf16 or fp16",
-    )
     _check(
         not (len(r.workers) == 2 and r.workers[0] > r.workers[1]),
         f"config run.workers: MIN {r.workers[0]} > MAX {r.workers[-1]}; give MIN,MAX with MIN <= MAX",
@@ -305,20 +307,12 @@ def validate(cfg: TrainConfig) -> None:
         and (1 <= r.workers[0] <= r.workers[-1] or r.workers == [0] * len(r.workers)),
         f"config run.workers: {r.workers} is not MIN,MAX with 1 <= MIN <= MAX (or 0: in-process)",
     )
-    _check(
-        r.use_gpu in ("auto", "true", "false"),
-        f"config run.use_gpu: {r.use_gpu!r} is not auto, true or false",
-    )
     for key in ("max_failures", "max_preemption_failures"):
         v = getattr(r, key)
         _check(v >= -1, f"config run.{key}: {v} is not a count; give N >= 0, or -1 for no limit")
     _check(
         r.preemption_poll_every >= 1,
         f"config run.preemption_poll_every: {r.preemption_poll_every}; ask for notices every N >= 1 steps",
-    )
-    _check(
-        r.on_preemption in ("deadline", "handoff", "ignore"),
-        f"config run.on_preemption: {r.on_preemption!r} is not deadline, handoff or ignore",
     )
     _check(r.preemption_margin_s >= 0, "config run.preemption_margin_s: must be >= 0 seconds")
     _check(r.log_every >= 1, "config run.log_every: must be >= 1")
@@ -328,3 +322,14 @@ def validate(cfg: TrainConfig) -> None:
         cfg.checkpoint.num_to_keep >= 2, "config checkpoint.num_to_keep: keep at least 2 (fallback needs one)"
     )
     _check(bool(r.name) and "/" not in r.name, f"config run.name: {r.name!r} must be non-empty, without '/'")
+
+
+def _check_loss(loss: LossConfig) -> None:
+    """Loss specs are compositions ("l1+dice"), checked against the loss registry by its own parser."""
+    from ray_mmd.losses import LossSpecError, parse_spec
+
+    for key, spec in (("mask", loss.mask), ("depth", loss.depth)):
+        try:
+            parse_spec(spec)
+        except LossSpecError as e:
+            raise UserError(f"config loss.{key}: {e}") from None

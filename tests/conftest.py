@@ -24,6 +24,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The tiny run every trainer test starts from: width-4 model, 32 px, frequent checkpoints and logs.
+TINY = (
+    "model.width=4",
+    "data.image_size=32",
+    "optim.amp=off",
+    "run.progress=false",
+    "run.log_every=2",
+    "checkpoint.every_steps=2",
+    "eval.max_samples=16",
+)
+
+
+def tiny_overrides(packed: str, storage, name: str, *extra: str) -> list[str]:
+    """Config overrides of a tiny run `name` on `packed` with checkpoints under `storage`."""
+    return [f"data.url={packed}", f"run.storage={storage}", f"run.name={name}", *TINY, *extra]
+
+
 def wait_for_port(port: int, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

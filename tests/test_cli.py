@@ -1,14 +1,12 @@
-"""cli.py: `ray-mmd data synth|pack|inspect`, `train` forwarding, and one-line user errors with exit 2."""
+"""cli.py: `ray-mmd data synth|pack|inspect`, `train`/`pipeline` arguments -> config, one-line user errors (exit 2)."""
 
 import subprocess
 import sys
-import types
 
 import pytest
 
 from ray_mmd import cli
 from ray_mmd.data import manifest as mf
-from ray_mmd.errors import UserError
 
 
 def test_synth_pack_inspect(tmp_path, capsys):
@@ -71,18 +69,48 @@ def test_user_errors_in_process(tmp_path, capsys, argv, msg):
     assert msg in err and err.count("\n") == 1
 
 
-def test_train_forwards_remaining_argv(monkeypatch):
-    seen = []
-    fake = types.ModuleType("ray_mmd.train.trainer")
+def test_train_flags_become_one_validated_config():
+    args = cli._parser().parse_args(
+        [
+            "-v",
+            "train",
+            "--stage",
+            "2",
+            "--run-name",
+            "r",
+            "--storage",
+            "gs://b/runs",
+            "--workers",
+            "1,4",
+            "--parent",
+            "s1",
+            "model.name=unet224",
+            "optim.lr=0.5",
+        ]
+    )
+    cfg = cli.train_config(
+        args, config=args.config, stage=args.stage, run_name=args.run_name, parent=args.parent
+    )
+    assert (cfg.stage, cfg.run.name, cfg.run.storage, cfg.run.workers) == (2, "r", "gs://b/runs", [1, 4])
+    assert (cfg.parent, cfg.model.name, cfg.optim.lr, cfg.run.verbose) == ("s1", "unet224", 0.5, True)
+    args = cli._parser().parse_args(["train", "-v", "--data", "d"])  # -v after the command works too
+    cfg = cli.train_config(args, config=None, stage=None, run_name=None, parent=None)
+    assert cfg.run.verbose and cfg.data.url == "d" and cfg.stage == 1
 
-    def main(argv):
-        seen.append(argv)
-        if "--bad" in argv:
-            raise UserError("bad training config: fix it")
-        return 7
 
-    fake.main = main
-    monkeypatch.setitem(sys.modules, "ray_mmd.train.trainer", fake)
-    assert cli.main(["train", "--config", "c.yaml", "--workers", "1,4"]) == 7
-    assert seen[-1] == ["--config", "c.yaml", "--workers", "1,4"]
-    assert cli.main(["train", "--bad"]) == 2
+@pytest.mark.parametrize(
+    "argv,msg",
+    [
+        (["train", "optim.amp=int8"], "optim.amp: 'int8' is not one of auto, off, bf16, fp16"),
+        (["train", "--config", "{t}/missing.yaml"], "not found"),
+        (["pipeline", "--configs", "{t}/missing.yaml"], "not found"),
+        (["train", "--stage", "2", "model.name=unet224"], "set parent="),
+    ],
+)
+def test_train_user_errors_exit_2_before_ray_starts(tmp_path, capsys, argv, msg):
+    import ray
+
+    assert cli.main([a.format(t=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and err.count("\n") == 1
+    assert not ray.is_initialized()

@@ -54,6 +54,11 @@ def test_overrides_are_typed(tmp_path):
         (["stage=4"], "stage"),
         (["data.backend=gpu"], "data.backend"),
         (["data.decode_workers=-1"], "data.decode_workers"),
+        (["optim.amp=int8"], "optim.amp: 'int8' is not one of auto, off, bf16, fp16"),
+        (["optim.name=lamb"], "optim.name: 'lamb' is not one of adamw, adam, sgd"),
+        (["model.name=vit"], "model.name: 'vit' is not one of"),
+        (["run.use_gpu=maybe"], "run.use_gpu"),
+        (["loss.mask=l1+focal"], "config loss.mask: unknown loss 'focal'"),
         (["lr"], "key=value"),
     ],
 )
@@ -93,3 +98,14 @@ def test_kuberay_rayjob_runs_the_pipeline():
     job = yaml.safe_load((ROOT / "cluster" / "kuberay_rayjob.yaml").read_text())
     assert job["kind"] == "RayJob" and "jobs/pipeline.py" in job["spec"]["entrypoint"]
     assert job["spec"]["rayClusterSpec"]["rayVersion"] == "2.60.0"
+
+
+def test_choices_match_the_registries():
+    """The Literal choices are the names the model and optimizer registries know."""
+    from typing import get_args
+
+    from ray_mmd.models import model_names
+    from ray_mmd.train.step import _OPTIMIZERS
+
+    assert sorted(get_args(config.ModelName)) == sorted(model_names())
+    assert sorted(get_args(config.OptimizerName)) == sorted(_OPTIMIZERS)

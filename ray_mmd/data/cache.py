@@ -115,9 +115,6 @@ class ShardCache:
             futs.append(fut)
         return futs
 
-    def used_bytes(self) -> int:
-        return sum(size for _, size, _ in self._entries())
-
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)

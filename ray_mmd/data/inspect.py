@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 from collections import Counter
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ray_mmd import storage
 from ray_mmd.data import manifest as mf
-from ray_mmd.data.layout import decode
+from ray_mmd.data.layout import SampleError, decode
+from ray_mmd.errors import UserError
 
 TILE = 128
 
@@ -70,26 +73,57 @@ def _tile(a: np.ndarray) -> np.ndarray:
     return np.asarray(im)
 
 
+def _read_verified(man: mf.Manifest, info: mf.ShardInfo, columns: list[str] | None = None) -> pa.Table:
+    """Read one file of the dataset after checking its size and sha256 against the manifest.
+
+    A truncated, replaced or missing file is a one-line UserError naming it, not a parquet traceback.
+    """
+    url = man.url(info.path)
+    fix = f"the dataset is damaged: re-pack it with `ray-mmd data pack SRC {man.root}`"
+    try:
+        data = storage.read_bytes(url)
+    except FileNotFoundError:
+        raise UserError(f"{url!r} is listed in the manifest but missing: {fix}") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {url!r} ({type(e).__name__}: {e}): {fix}") from None
+    if len(data) != info.bytes:
+        raise UserError(f"{url!r} has {len(data)} bytes, the manifest says {info.bytes} (truncated?): {fix}")
+    if hashlib.sha256(data).hexdigest() != info.sha256:
+        raise UserError(f"{url!r} does not match its sha256 in the manifest: {fix}")
+    try:
+        return pq.read_table(pa.BufferReader(data), columns=columns)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{url!r} is not a readable shard ({msg}): {fix}") from None
+
+
 def contact_sheet(man: mf.Manifest, n: int = 6) -> bytes:
     """PNG bytes: one row per sample, columns fg_bg | bg | mask | depth (first samples of the first shard)."""
     from PIL import Image
 
     if not man.shards:
-        raise ValueError("dataset has no shards")
-    pafs, path = storage.pyarrow_filesystem(man.url(man.shards[0].path))
-    rows = (
-        pq.read_table(path, filesystem=pafs, columns=["fg_bg", "mask", "depth", "bg_id"])
-        .slice(0, n)
-        .to_pylist()
-    )
-    bpafs, bpath = storage.pyarrow_filesystem(man.url(man.bg.path))
-    bgs = {r["bg_id"]: r["image"] for r in pq.read_table(bpath, filesystem=bpafs).to_pylist()}
+        raise UserError(f"dataset {man.root!r} has no shards to draw: pack some samples into it first")
+    try:
+        rows = _read_verified(man, man.shards[0], ["fg_bg", "mask", "depth", "bg_id"]).slice(0, n).to_pylist()
+        bgs = {r["bg_id"]: r["image"] for r in _read_verified(man, man.bg, ["bg_id", "image"]).to_pylist()}
+    except KeyError as e:  # a column the schema promises is absent
+        raise UserError(f"a shard of {man.root!r} lacks column {e}: re-pack the dataset") from None
     gap = 2
     sheet = np.full((len(rows) * (TILE + gap), 4 * (TILE + gap), 3), 255, np.uint8)
     for i, r in enumerate(rows):
+        if r["bg_id"] not in bgs:
+            raise UserError(
+                f"sample row {i} of {man.shards[0].path} names bg_id {r['bg_id']} not in bg.parquet: re-pack"
+            )
         for j, data in enumerate((r["fg_bg"], bgs[r["bg_id"]], r["mask"], r["depth"])):
             y, x = i * (TILE + gap), j * (TILE + gap)
-            sheet[y : y + TILE, x : x + TILE] = _tile(decode(data))
+            try:
+                img = decode(data)
+            except SampleError as e:
+                raise UserError(
+                    f"row {i} of {man.url(man.shards[0].path)!r}: {e}: re-pack the dataset"
+                ) from None
+            sheet[y : y + TILE, x : x + TILE] = _tile(img)
     buf = io.BytesIO()
     Image.fromarray(sheet).save(buf, format="PNG")
     return buf.getvalue()
@@ -100,6 +134,13 @@ def inspect(url: str, png: str | None = None, n: int = 6) -> dict[str, Any]:
     man = mf.load(url)
     s = summarize(man)
     if png:
-        storage.write_bytes_atomic(png, contact_sheet(man, n))
+        storage.check_reachable(png, what="--png URL")  # before drawing, not after
+        sheet = contact_sheet(man, n)
+        try:
+            storage.write_bytes_atomic(png, sheet)
+        except (OSError, ValueError) as e:
+            raise UserError(
+                f"cannot write the contact sheet to {png!r} ({type(e).__name__}: {e}): choose a writable file path"
+            ) from None
         s["png"] = png
     return s

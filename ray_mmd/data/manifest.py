@@ -108,7 +108,8 @@ class Manifest:
         return max((s.last_id + 1 for s in self.shards), default=0)
 
     def url(self, relpath: str) -> str:
-        return storage.join(self.root, relpath)
+        """URL of a file of this dataset; a path that would leave the dataset root is refused."""
+        return storage.join_under(self.root, relpath, what="shard path") if self.root else relpath
 
     # ---- serialization -----------------------------------------------------------------------
 
@@ -118,15 +119,59 @@ class Manifest:
         return json.dumps(d, indent=1)
 
     @classmethod
-    def from_json(cls, text: str, root: str = "") -> Manifest:
-        d = json.loads(text)
+    def from_json(cls, text: str | bytes, root: str = "") -> Manifest:
+        """Parse and check a manifest; anything malformed is a one-line UserError naming the fix.
+
+        Shard paths must be relative and stay inside `root` (a manifest is data, not a way to make
+        a reader open /etc/passwd or another bucket).
+        """
+        where = storage.join(root, MANIFEST_NAME) if root else MANIFEST_NAME
+        fix = f"re-pack it with `ray-mmd data pack SRC {root or 'DST'}`"
+
+        def bad(problem: str) -> UserError:
+            return UserError(f"{where} is not a valid ray-mmd manifest ({problem}): {fix}")
+
+        try:
+            d = json.loads(text.decode("utf-8") if isinstance(text, bytes) else text)
+        except UnicodeDecodeError:
+            raise bad("not UTF-8 text") from None
+        except json.JSONDecodeError as e:
+            raise bad(f"not JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        if not isinstance(d, dict):
+            raise bad(f"a JSON {type(d).__name__}, not an object")
+        if "format_version" not in d:
+            raise bad("no format_version; another tool's file?")
         if d.get("format_version") != FORMAT_VERSION:
             raise UserError(
-                f"manifest format {d.get('format_version')} is not {FORMAT_VERSION}: re-pack with `ray-mmd data pack`"
+                f"{where}: manifest format {d.get('format_version')!r} is not {FORMAT_VERSION}: {fix}"
             )
-        d["shards"] = [ShardInfo(**s) for s in d["shards"]]
-        d["bg"] = ShardInfo(**d["bg"])
-        return cls(**d, root=root)
+        for name, want in _FIELDS.items():
+            if name not in d:
+                raise bad(f"lacks {name!r}")
+            if not _is(d[name], want):
+                raise bad(f"{name!r} is {_tname(d[name])}, not {_tname_of(want)}")
+        shards = [_shard(x, f"shards[{i}]", bad, root) for i, x in enumerate(d["shards"])]
+        bg = _shard(d["bg"], "bg", bad, root)
+        for i, q in enumerate(d.get("quarantine") or []):
+            if not isinstance(q, dict) or not _is(q.get("sample_id"), int):
+                raise bad(f"quarantine[{i}] has no integer sample_id")
+        for k, v in d["split_counts"].items():
+            if not _is(v, int):
+                raise bad(f"split_counts[{k!r}] is {_tname(v)}, not an integer")
+        for k, v in d["sizes"].items():
+            if not (isinstance(v, list) and len(v) == 2 and all(_is(x, int) for x in v)):
+                raise bad(f"sizes[{k!r}] is not [width, height]")
+        for k, v in d["stats"].items():
+            if not (isinstance(v, dict) and all(isinstance(v.get(m), list) for m in ("mean", "std"))):
+                raise bad(f"stats[{k!r}] lacks mean/std lists")
+        kw = {k: d[k] for k in _FIELDS}
+        kw.update(shards=shards, bg=bg)
+        for k in ("quarantine", "source", "format_version"):
+            if k in d:
+                kw[k] = d[k]
+        if not isinstance(kw.get("quarantine", []), list) or not isinstance(kw.get("source", ""), str):
+            raise bad("quarantine is not a list or source is not a string")
+        return cls(**kw, root=root)
 
     def save(self, root: str) -> None:
         """Write manifest.json atomically; call this last, after every shard is verified."""
@@ -136,11 +181,71 @@ class Manifest:
 def load(root: str) -> Manifest:
     """Load DST/manifest.json; a dataset without one is incomplete (or not a packed dataset)."""
     url = storage.join(root, MANIFEST_NAME)
+    # gs://: endpoint, credentials and bucket in seconds and one line, before gcsfs's retries
+    storage.check_reachable(root, need_bucket=True, what="dataset URL")
     if not storage.exists(url):
         raise UserError(
             f"no {MANIFEST_NAME} at {root!r}: pack the dataset first with `ray-mmd data pack SRC {root}`"
         )
-    return Manifest.from_json(storage.read_bytes(url).decode(), root=root)
+    try:
+        raw = storage.read_bytes(url)
+    except (OSError, ValueError) as e:  # a directory named manifest.json, no permission, ...
+        raise UserError(f"cannot read {url!r} ({type(e).__name__}: {e}): check the dataset path") from None
+    return Manifest.from_json(raw, root=root)
+
+
+# required fields and their JSON types (bool is not a number here)
+_FIELDS: dict[str, Any] = {
+    "num_samples": int,
+    "shards": list,
+    "bg": dict,
+    "split_seed": int,
+    "test_fraction": (int, float),
+    "split_counts": dict,
+    "stats": dict,
+    "sizes": dict,
+}
+_SHARD_FIELDS: dict[str, Any] = {
+    "path": str,
+    "rows": int,
+    "first_id": int,
+    "last_id": int,
+    "sha256": str,
+    "bytes": int,
+}
+
+
+def _is(v: Any, want: Any) -> bool:
+    return isinstance(v, want) and not isinstance(v, bool)
+
+
+def _tname(v: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", type(None): "null"}.get(
+        type(v), type(v).__name__
+    )
+
+
+def _tname_of(want: Any) -> str:
+    return {int: "an integer", list: "a list", dict: "an object", str: "a string"}.get(want, "a number")
+
+
+def _shard(x: Any, name: str, bad: Any, root: str) -> ShardInfo:
+    if not isinstance(x, dict):
+        raise bad(f"{name} is {_tname(x)}, not an object")
+    for k, want in _SHARD_FIELDS.items():
+        if k not in x:
+            raise bad(f"{name} lacks {k!r}")
+        if not _is(x[k], want):
+            raise bad(f"{name}.{k} is {_tname(x[k])}, not {_tname_of(want)}")
+    if x["rows"] < 0 or x["first_id"] < 0 or x["last_id"] < x["first_id"] - 1:
+        raise bad(f"{name} has rows/id range {x['rows']}, {x['first_id']}..{x['last_id']}")
+    # confined to the dataset root: checked here, once, so no reader ever opens a path outside it
+    try:
+        storage.join_under(root or "/dataset-root", x["path"], what="shard path")
+    except UserError as e:
+        where = storage.join(root, MANIFEST_NAME) if root else MANIFEST_NAME
+        raise UserError(f"{where}: {name}: {e}") from None
+    return ShardInfo(**{k: x[k] for k in _SHARD_FIELDS})
 
 
 def is_test(sample_ids: np.ndarray, seed: int, test_fraction: float) -> np.ndarray:

@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from typing import Any
 
@@ -28,8 +29,8 @@ import pyarrow.parquet as pq
 
 from ray_mmd import storage
 from ray_mmd.data import manifest as mf
-from ray_mmd.data.layout import Layout, Row, SampleError, ZipReader, decode, read_sample
-from ray_mmd.data.synth import mp_context
+from ray_mmd.data.layout import Layout, SampleError, ZipReader, decode, read_sample
+from ray_mmd.data.procs import mp_context
 from ray_mmd.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -97,8 +98,7 @@ def _pack_shard(task: dict[str, Any]) -> dict[str, Any]:
     quarantine: list[dict[str, Any]] = []
     hist = {k: np.zeros((EXPECTED[k][2], 256), np.int64) for k in ("fg_bg", "mask", "depth")}
     bg_used: dict[int, int] = {}
-    for j, r in enumerate(task["rows"]):
-        row = Row(*r)
+    for j, row in enumerate(task["rows"]):
         sid = lo + j
         bg_id, bg_reason = task["bg_ids"][j]
         try:
@@ -180,8 +180,7 @@ def _pack_bgs(layout: Layout, dst: str) -> tuple[dict[tuple[str, str], tuple[int
     ids: dict[tuple[str, str], tuple[int, str]] = {}
     cols: dict[str, list] = {"bg_id": [], "name": [], "bg_type": [], "image": []}
     hists: dict[int, np.ndarray] = {}
-    for r in layout._rows:
-        row = Row(*r)
+    for row in layout.rows():
         key = (row.bg_zip, row.bg_name)
         if key in ids:
             continue
@@ -209,27 +208,17 @@ def _pack_bgs(layout: Layout, dst: str) -> tuple[dict[tuple[str, str], tuple[int
     return ids, info, hists
 
 
-def pack(
-    src_url: str,
-    dst_url: str,
-    shard_size: int = 1000,
-    test_fraction: float = 0.3,
-    split_seed: int = 0,
-    max_bad_fraction: float = 0.01,
-    workers: int | None = None,
-    progress: bool = False,
-) -> mf.Manifest:
-    """Pack the layout at `src_url` into `dst_url`; re-running completes a partial pack, skipping verified shards."""
+def _check_args(shard_size: int, test_fraction: float, max_bad_fraction: float) -> None:
     if shard_size < 1:
         raise UserError(f"--shard-size must be >= 1 (got {shard_size})")
     if not 0.0 <= test_fraction < 1.0:
         raise UserError(f"--test-fraction must be in [0, 1) (got {test_fraction})")
     if not 0.0 <= max_bad_fraction <= 1.0:
         raise UserError(f"--max-bad-fraction must be in [0, 1] (got {max_bad_fraction})")
-    layout = Layout(src_url)
-    n = len(layout)
-    if n == 0:
-        raise UserError(f"{layout.csv_url!r} has no rows: nothing to pack")
+
+
+def _prepare_dst(dst_url: str) -> None:
+    """The destination exists and is writable, and no older manifest vouches for it any more."""
     if storage.split_url(dst_url)[0] == "gs":
         bucket = storage.split_url(dst_url)[1].split("/", 1)[0]
         if not storage.exists(f"gs://{bucket}"):
@@ -244,91 +233,100 @@ def pack(
     except OSError as e:
         raise UserError(f"cannot write to {dst_url!r} ({e}): choose a writable destination") from e
 
-    bg_ids, bg_info, bg_hists = _pack_bgs(layout, dst_url)
-    n_shards = math.ceil(n / shard_size)
-    limit = math.floor(max_bad_fraction * n)
-    results: dict[int, dict[str, Any]] = {}
+
+def _plan_shards(
+    layout: Layout, src_url: str, dst_url: str, shard_size: int, bg_ids: dict
+) -> tuple[dict[int, dict[str, Any]], list[dict[str, Any]]]:
+    """(sidecars of shards already packed and verified, tasks for the rest)."""
+    n = len(layout)
+    bg_key = hashlib.sha256(json.dumps(sorted(map(list, bg_ids.items()))).encode()).hexdigest()
+    done: dict[int, dict[str, Any]] = {}
     todo = []
-    for k in range(n_shards):
+    for k in range(math.ceil(n / shard_size)):
         lo, hi = k * shard_size, min(n, (k + 1) * shard_size)
-        rows = layout._rows[lo:hi]
+        rows = layout.rows(lo, hi)
         key = {
             "v": PACK_VERSION,
             "src": src_url,
             "lo": lo,
             "hi": hi,
-            # the bg ids this shard refers to are part of what it means
-            "rows": hashlib.sha256(json.dumps([list(r) for r in rows]).encode()).hexdigest(),
-            "bg": hashlib.sha256(json.dumps(sorted(map(list, bg_ids.items()))).encode()).hexdigest(),
+            "rows": hashlib.sha256(
+                json.dumps([list(dataclasses.astuple(r)) for r in rows]).encode()
+            ).hexdigest(),
+            "bg": bg_key,  # the bg ids this shard refers to are part of what it means
         }
         side = _verified(dst_url, k, key)
         if side is not None:
-            results[k] = side
+            done[k] = side
             continue
+        bgs = [bg_ids[(r.bg_zip, r.bg_name)] for r in rows]
         todo.append(
-            {
-                "k": k,
-                "lo": lo,
-                "rows": rows,
-                "bg_ids": [bg_ids[(Row(*r).bg_zip, Row(*r).bg_name)] for r in rows],
-                "zips": layout.zips,
-                "dst": dst_url,
-                "key": key,
-            }
+            {"k": k, "lo": lo, "rows": rows, "bg_ids": bgs, "zips": layout.zips, "dst": dst_url, "key": key}
         )
-    if results:
-        log.info("%d of %d shards already packed and verified; skipping them", len(results), n_shards)
+    return done, todo
 
-    def bad_so_far() -> int:
-        return sum(len(s["quarantine"]) for s in results.values())
+
+def _packed(todo: list[dict[str, Any]], workers: int) -> Iterator[list[tuple[int, dict[str, Any]]]]:
+    """[(k, sidecar)] of the tasks that finished together: here when one worker, else in worker
+    processes. Closing the iterator early cancels the tasks not yet started."""
+    if workers <= 1:
+        for t in todo:
+            yield [(t["k"], _pack_shard(t))]
+        return
+    with ProcessPoolExecutor(workers, mp_context=mp_context()) as ex:
+        pending = {ex.submit(_pack_shard, t): t["k"] for t in todo}
+        try:
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                yield [(pending.pop(f), f.result()) for f in done]
+        finally:
+            for f in pending:
+                f.cancel()
+
+
+def _pack_within_budget(
+    todo: list[dict[str, Any]], results: dict[int, dict[str, Any]], workers: int, limit: int, progress: bool
+) -> bool:
+    """Pack `todo` into `results`; stop as soon as more than `limit` samples are bad. True if stopped."""
 
     def over_budget() -> bool:
-        return bad_so_far() > limit
+        return sum(len(s["quarantine"]) for s in results.values()) > limit
 
+    if over_budget():
+        return True
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=n_shards, initial=len(results), unit="shard", desc="pack")
-    workers = min(workers or os.cpu_count() or 1, max(len(todo), 1))
-    aborted = over_budget()
-    if not aborted and workers <= 1:
-        for t in todo:
-            results[t["k"]] = _pack_shard(t)
-            if bar:
-                bar.update(1)
+        bar = tqdm(total=len(results) + len(todo), initial=len(results), unit="shard", desc="pack")
+    stream = _packed(todo, min(workers, max(len(todo), 1)))
+    try:
+        for finished in stream:
+            for k, side in finished:
+                results[k] = side
+                if bar:
+                    bar.update(1)
             if over_budget():
-                aborted = True
-                break
-    elif not aborted:
-        with ProcessPoolExecutor(workers, mp_context=mp_context()) as ex:
-            pending = {ex.submit(_pack_shard, t): t["k"] for t in todo}
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for f in done:
-                    results[pending.pop(f)] = f.result()
-                    if bar:
-                        bar.update(1)
-                if over_budget():
-                    aborted = True
-                    for f in pending:
-                        f.cancel()
-                    break
-    if bar:
-        bar.close()
-    layout.close()
+                return True
+        return False
+    finally:
+        stream.close()
+        if bar:
+            bar.close()
 
-    quarantine = sorted((q for s in results.values() for q in s["quarantine"]), key=lambda q: q["sample_id"])
-    storage.write_bytes_atomic(
-        storage.join(dst_url, QUARANTINE_NAME), json.dumps(quarantine, indent=1).encode()
-    )
-    if aborted:
-        raise UserError(
-            f"more than {max_bad_fraction:.2%} of {n} samples are bad ({len(quarantine)} so far, e.g. "
-            f"{quarantine[0]['reason']!r}); see {storage.join(dst_url, QUARANTINE_NAME)}, fix the source "
-            "or raise --max-bad-fraction"
-        )
 
+def _manifest(
+    results: dict[int, dict[str, Any]],
+    quarantine: list[dict[str, Any]],
+    n: int,
+    bg: tuple[mf.ShardInfo, dict[int, np.ndarray]],
+    src_url: str,
+    dst_url: str,
+    split_seed: int,
+    test_fraction: float,
+) -> mf.Manifest:
+    """The manifest of a finished pack: shards, split counts and pixel stats merged from the sidecars."""
+    bg_info, bg_hists = bg
     shards = [mf.ShardInfo(**results[k]["info"]) for k in sorted(results) if results[k]["info"]]
     hist = {k: np.zeros((EXPECTED[k][2], 256), np.int64) for k in ("fg_bg", "mask", "depth")}
     bg_hist = np.zeros((3, 256), np.int64)
@@ -341,7 +339,7 @@ def pack(
     bad = np.fromiter((q["sample_id"] for q in quarantine), np.int64)
     good = np.setdiff1d(np.arange(n, dtype=np.int64), bad)
     n_test = int(mf.is_test(good, split_seed, test_fraction).sum())
-    man = mf.Manifest(
+    return mf.Manifest(
         num_samples=num,
         shards=shards,
         bg=bg_info,
@@ -354,9 +352,55 @@ def pack(
         source=src_url,
         root=dst_url,
     )
+
+
+def pack(
+    src_url: str,
+    dst_url: str,
+    shard_size: int = 1000,
+    test_fraction: float = 0.3,
+    split_seed: int = 0,
+    max_bad_fraction: float = 0.01,
+    workers: int | None = None,
+    progress: bool = False,
+) -> mf.Manifest:
+    """Pack the layout at `src_url` into `dst_url`; re-running completes a partial pack, skipping verified shards."""
+    _check_args(shard_size, test_fraction, max_bad_fraction)
+    layout = Layout(src_url)
+    n = len(layout)
+    if n == 0:
+        raise UserError(f"{layout.csv_url!r} has no rows: nothing to pack")
+    _prepare_dst(dst_url)
+    bg_ids, bg_info, bg_hists = _pack_bgs(layout, dst_url)
+    results, todo = _plan_shards(layout, src_url, dst_url, shard_size, bg_ids)
+    if results:
+        log.info(
+            "%d of %d shards already packed and verified; skipping them",
+            len(results),
+            len(results) + len(todo),
+        )
+    try:
+        limit = math.floor(max_bad_fraction * n)
+        aborted = _pack_within_budget(todo, results, workers or os.cpu_count() or 1, limit, progress)
+    finally:
+        layout.close()
+
+    quarantine = sorted((q for s in results.values() for q in s["quarantine"]), key=lambda q: q["sample_id"])
+    q_url = storage.join(dst_url, QUARANTINE_NAME)
+    storage.write_bytes_atomic(q_url, json.dumps(quarantine, indent=1).encode())
+    if aborted:
+        raise UserError(
+            f"more than {max_bad_fraction:.2%} of {n} samples are bad ({len(quarantine)} so far, e.g. "
+            f"{quarantine[0]['reason']!r}); see {q_url}, fix the source or raise --max-bad-fraction"
+        )
+    man = _manifest(results, quarantine, n, (bg_info, bg_hists), src_url, dst_url, split_seed, test_fraction)
     man.save(dst_url)
     log.info(
-        "packed %d samples (%d quarantined) into %d shards at %s", num, len(quarantine), len(shards), dst_url
+        "packed %d samples (%d quarantined) into %d shards at %s",
+        man.num_samples,
+        len(quarantine),
+        len(man.shards),
+        dst_url,
     )
     return man
 

@@ -11,16 +11,23 @@ is uint8 (~4x fewer bytes than float32 at 224).
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-# Decoders. simplejpeg's min_height/min_width and PIL's `draft` both use libjpeg-turbo's DCT scaling,
-# so a 250x250 JPEG decodes straight to 63x63 for a 56 target. Both release the GIL while decoding;
-# simplejpeg is ~1.7x faster per image and decodes into a caller's buffer (no copy).
-DECODERS = ("simplejpeg", "pil")
+from ray_mmd import storage
+from ray_mmd.data.manifest import Manifest
+
+log = logging.getLogger(__name__)
+
+# Decoders ("simplejpeg" | "pil"). simplejpeg's min_height/min_width and PIL's `draft` both use
+# libjpeg-turbo's DCT scaling, so a 250x250 JPEG decodes straight to 63x63 for a 56 target. Both release
+# the GIL while decoding; simplejpeg is ~1.7x faster per image and decodes into a caller's buffer.
 KEYS = ("fg_bg", "mask", "depth")  # wire keys of the decoded sample images; fg_bg is RGB, the rest gray
 
 
@@ -161,28 +168,6 @@ def alloc_wire(
     return out
 
 
-def decode_samples(
-    fg_bg: Sequence[bytes],
-    mask: Sequence[bytes],
-    depth: Sequence[bytes],
-    size: int,
-    lib: str = "simplejpeg",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray, list[str]]:
-    """Decode and resize n samples to size×size uint8 tensors (the host-resize path).
-
-    Returns (fg n×3×S×S, mask n×S×S, depth n×S×S, ok bool[n], reasons). Rows that failed to decode
-    (ok False) hold zeros and `reasons[i]` says why; they are never returned as training data.
-    """
-    buf = alloc_wire(len(fg_bg), {k: (size, size) for k in KEYS})
-    reasons = [""] * len(fg_bg)
-    for k, blobs in zip(KEYS, (fg_bg, mask, depth), strict=True):
-        for i, r in enumerate(decode_into(blobs, buf[k].numpy(), k != "fg_bg", size, lib)):
-            if r and not reasons[i]:
-                reasons[i] = f"{k}: {r}"
-    ok = np.array([not r for r in reasons], dtype=bool)
-    return buf["fg_bg"].permute(0, 3, 1, 2), buf["mask"], buf["depth"], ok, reasons
-
-
 def _mix64(x: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore"):
         z = x.astype(np.uint64)
@@ -269,3 +254,44 @@ class BatchFinisher:
             t = self._resize(b[k].unsqueeze(1)).float()  # a new tensor, never the wire batch
             out[k] = self._flip_(t, b["flip"]).mul_(1 / 255.0)
         return out
+
+
+# ---- the bg table (every bg image once, at the stage size) and the finisher that gathers from it --
+
+_BG: dict[tuple, tuple[torch.Tensor, np.ndarray]] = {}
+_BG_CAP = 4  # (dataset, size) pairs kept: a stage's training and eval share one
+
+
+def bg_table(man: Manifest, size: int, lib: str = "simplejpeg") -> tuple[torch.Tensor, np.ndarray]:
+    """All bg images decoded once and resized to size: (uint8 [max_id+1,3,S,S], bad bool[max_id+1]).
+
+    Kept per process (bounded): the streams and the evaluation of one stage share it.
+    """
+    key = (man.root, man.bg.sha256, size)
+    if key not in _BG:
+        t = pq.read_table(pa.BufferReader(storage.read_bytes(man.url(man.bg.path))))
+        bid = t.column("bg_id").to_numpy()
+        imgs = t.column("image").to_pylist()
+        n = int(bid.max()) + 1 if len(bid) else 1
+        bad = np.ones(n, bool)
+        arrs = [np.zeros((size, size, 3), np.uint8)] * n
+        for b, data in zip(bid, imgs, strict=True):
+            try:
+                arrs[b] = decode_image(data, size, False, lib)
+                bad[b] = False
+            except Exception as e:
+                log.warning("bg image %d does not decode (%s); its samples are quarantined", b, e)
+        while len(_BG) >= _BG_CAP:
+            _BG.pop(next(iter(_BG)))
+        _BG[key] = (resize_u8(arrs, size), bad)
+    return _BG[key]
+
+
+def forget_bg_tables() -> None:
+    """Drop this process's bg tables (benchmarks measuring a cold start)."""
+    _BG.clear()
+
+
+def make_finisher(man: Manifest, size: int, lib: str = "simplejpeg") -> BatchFinisher:
+    """The BatchFinisher for this dataset at this stage size (holds the bg table)."""
+    return BatchFinisher(man.stats, bg_table(man, size, lib)[0], size)

@@ -16,8 +16,8 @@ by `run.on_preemption`:
 run dir): waiting for Ray's own restart would idle every rank until the deadline, and a worker that exits
 on purpose would count as a real failure against `max_failures`. Neither way uses `max_failures`.
 
-This module owns the decision only; the loop owns the checkpoint and calls `checkpointed()` back.
-Rank 0 decides when the deadline is near and broadcasts it (clocks differ between ranks; a decision that
+`PreemptionWatch.poll` decides; `PreemptionWatch.act` writes and verifies the checkpoint through the run's
+checkpointer and hands the run over; `fit_through_handoffs` is the driver's side. Rank 0 decides when the deadline is near and broadcasts it (clocks differ between ranks; a decision that
 differed would leave one rank waiting in `report` for the others).
 """
 
@@ -109,6 +109,8 @@ class PreemptionWatch:
     ckpt_s: float = 1.0  # how long the last just-in-time checkpoint took (estimate before the first)
     step_s: float | None = None  # seconds per global step (moving average)
     finished: bool = False  # the final checkpoint is written: nothing more to do
+    pending: Decision | None = None  # asked at an epoch's last step: the epoch-end checkpoint is the one
+    handed_off: bool = False  # this attempt stopped for a preemption
     _last: tuple[int, float] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -190,6 +192,60 @@ class PreemptionWatch:
         interval = self.cadence * (self.step_s or 0.0)
         return self.notice.deadline - now <= self.margin_s + interval + 2.0 * self.ckpt_s
 
+    def act(self, d: Decision, run: Any, metrics: dict[str, Any], reason: str | None = None) -> bool:
+        """Carry out `d` on `run` (the loop's Run: save, ckpt, runlog, stream, rank, run_url): write this
+        step's checkpoint synchronously, verify it, log and count it; True = stop, the run is handed over.
+        At an epoch's last step it waits for the epoch-end checkpoint (`reason`: that one's reason)."""
+        from ray_mmd import storage
+        from ray_mmd.train.checkpoint import CheckpointError, load_checkpoint
+
+        step, n = run.progress.global_step, d.notice
+        if run.runlog is not None and d.reason == "preempt-notice" and reason is None:
+            left = n.deadline - n.seen_at
+            run.runlog.scalars(
+                step, {"preempt/notices": self.notices, "preempt/deadline_in_s": left}, "preemption"
+            )
+        if not d.checkpoint:
+            return False
+        if reason is None and run.stream.steps_left() == 0:  # the epoch-end checkpoint follows at once
+            self.pending = d
+            return False
+        self.pending = None
+        t0 = time.time()
+        run.save(metrics, reason or d.reason, sync=True)
+        ok = True
+        if self.rank == 0:
+            try:
+                load_checkpoint(run.ckpt.last)
+            except CheckpointError as e:  # train on: Ray restarts from the newest one that verifies
+                log.error("preemption checkpoint did not verify: %s", e)
+                ok = False
+        ok = bool(self.agree(ok))
+        dt = time.time() - t0
+        self.checkpointed(dt)
+        now = time.time()
+        if self.rank == 0:
+            log.warning(
+                "preemption checkpoint %s at step %d verified: %.2f s to write, %.2f s after the notice, "
+                "%.1f s before the deadline",
+                *(run.ckpt.last, step, dt, now - n.seen_at, n.deadline - now),
+            )
+        if run.runlog is not None:
+            values = {
+                "preempt/checkpoint_s": dt,
+                "preempt/notice_to_checkpoint_s": now - n.seen_at,
+                "preempt/deadline_left_s": n.deadline - now,
+                "preempt/verified": float(ok),
+                "preempt/final": float(d.stop),
+            }
+            run.runlog.scalars(step, values, "preemption")
+        stop = d.stop and ok and not run.stream.done
+        if stop:
+            self.handed_off = True
+            if self.rank == 0:
+                storage.write_bytes_atomic(handoff_marker(run.run_url), n.to_json().encode())
+        return stop
+
     def checkpointed(self, seconds: float) -> None:
         """The loop reports how long a just-in-time checkpoint took (write + upload + verify)."""
         self.ckpt_s = seconds
@@ -224,6 +280,39 @@ def wait_nodes_gone(notice: dict[str, Any], grace_s: float = 10.0) -> float:
             break
         time.sleep(0.25)
     return time.time() - t0
+
+
+def fit_through_handoffs(fit: Callable[[], Any], run_url: str, run_cfg: Any) -> Any:
+    """Driver side: `fit()` and, each time the workers stepped aside on a preemption notice (HANDOFF
+    marker), wait for the preempted nodes to leave and fit again; the run resumes from the preemption
+    checkpoint. Counted against run.max_preemption_failures, never max_failures."""
+    from ray_mmd import storage
+
+    watch_drains_often()
+    marker = handoff_marker(run_url)
+    storage.remove(marker)  # an earlier driver's
+    result = fit()
+    handoffs = 0
+    while storage.exists(marker):
+        note = json.loads(storage.read_bytes(marker).decode())
+        storage.remove(marker)
+        if (result.metrics or {}).get("reason") == "final":  # Ray restarted it and it finished meanwhile
+            break
+        handoffs += 1
+        budget = run_cfg.max_preemption_failures
+        if budget != -1 and handoffs > budget:
+            raise PreemptionBudgetExceeded(
+                f"run {run_cfg.name}: {handoffs} preemptions exceed run.max_preemption_failures={budget}; "
+                "re-run the same command to resume from the preemption checkpoint"
+            )
+        waited = wait_nodes_gone(note)
+        log.warning(
+            "preemption hand-off %d: resuming on the nodes that stay (the preempted ones left %.1f s after "
+            "the checkpoint); notice: %s",
+            *(handoffs, waited, note),
+        )
+        result = fit()
+    return result
 
 
 def handoff_marker(run_url: str) -> str:

@@ -16,7 +16,7 @@ import torch
 from ray_mmd import storage
 from ray_mmd.config import TrainConfig
 from ray_mmd.errors import UserError
-from ray_mmd.train import state as st
+from ray_mmd.train import checkpoint as ck
 
 log = logging.getLogger(__name__)
 
@@ -58,22 +58,22 @@ def run_url(cfg: TrainConfig, name: str | None = None) -> str:
 def parent_checkpoint(cfg: TrainConfig) -> tuple[dict[str, Any], dict[str, Any], str]:
     """The parent's newest verified checkpoint: `parent` is a run name under run.storage or a checkpoint URL."""
     ref = cfg.parent or ""
-    if st.CKPT_RE.match(ref.rstrip("/").rsplit("/", 1)[-1]):
+    if ck.CKPT_RE.match(ref.rstrip("/").rsplit("/", 1)[-1]):
         try:
-            state, meta = st.load_checkpoint(ref)
-        except st.CheckpointError as e:
+            state, meta = ck.load_checkpoint(ref)
+        except ck.CheckpointError as e:
             raise UserError(
                 f"parent checkpoint {ref!r} is not usable ({e}): point parent= at another one"
             ) from None
         return state, meta, ref
     url = run_url(cfg, ref)
-    if not st.list_checkpoints(url):
+    if not ck.list_checkpoints(url):
         raise UserError(
             f"no checkpoints of parent run {ref!r} under {cfg.run.storage!r}: run stage {cfg.stage - 1} first"
         )
     try:
-        return st.final_checkpoint(url)
-    except st.CheckpointError as e:
+        return ck.final_checkpoint(url)
+    except ck.CheckpointError as e:
         raise UserError(f"parent run {ref!r}: {e}; re-run stage {cfg.stage - 1}") from None
 
 

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 Batch = Mapping[str, Tensor]
-_MODES = ("auto", "fp32", "off", "bf16", "fp16")
+_OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 
 
 def _cuda_bf16(device: torch.device) -> bool:
@@ -61,9 +61,8 @@ class AmpPolicy:
     def for_device(
         cls, device: torch.device | str, mode: str = "auto", channels_last: bool | None = None
     ) -> AmpPolicy:
+        """`mode`: config.AmpMode (validated there) or "fp32"; fp16 needs CUDA, which only the worker knows."""
         device = torch.device(device)
-        if mode not in _MODES:
-            raise ValueError(f"unknown AMP mode {mode!r}; valid modes: {', '.join(_MODES)}")
         cuda = device.type == "cuda"
         if mode == "auto":
             mode = ("bf16" if _cuda_bf16(device) else "fp16") if cuda else "fp32"
@@ -115,11 +114,9 @@ def make_optimizer(
     fused: bool | None = None,
     **kw,
 ) -> torch.optim.Optimizer:
-    """AdamW / Adam / SGD, fused where the parameters' device supports it (the sync-free skip path)."""
+    """AdamW / Adam / SGD (config.OptimizerName), fused where the parameters' device supports it (the
+    sync-free skip path)."""
     params = list(params)
-    classes = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
-    if name not in classes:
-        raise ValueError(f"unknown optimizer {name!r}; valid optimizers: {', '.join(classes)}")
     if fused is None:
         tensors = [p for p in params if torch.is_tensor(p)] or [
             p for g in params if isinstance(g, dict) for p in g["params"]
@@ -127,7 +124,7 @@ def make_optimizer(
         fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in tensors)
     if name == "sgd":
         kw.setdefault("momentum", 0.9)
-    return classes[name](params, lr=lr, weight_decay=weight_decay, fused=fused, **kw)
+    return _OPTIMIZERS[name](params, lr=lr, weight_decay=weight_decay, fused=fused, **kw)
 
 
 def _split(batch: Batch, parts: int) -> list[dict[str, Tensor]]:

@@ -4,7 +4,8 @@ and the store of uninterrupted reference runs (one per configuration and session
 from __future__ import annotations
 
 import pytest
-from chaos_harness import LocalCluster
+
+from tests.chaos.chaos_harness import LocalCluster
 
 
 @pytest.fixture

@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from chaos_harness import Scenario, free_port, kill_tree, reference, wait_for_port, write_report
+
+from tests.chaos.chaos_harness import Scenario, free_port, kill_tree, reference, wait_for_port, write_report
 
 pytestmark = [pytest.mark.slow, pytest.mark.chaos]
 EPOCHS = 8
@@ -119,9 +120,8 @@ def test_r3_driver_sigkilled_and_run_again(cluster, packed_dataset, tmp_path, re
 def test_r4_storage_outage_and_torn_checkpoint(cluster, packed_dataset, tmp_path, references):
     """GCS emulator (on disk, so a restart keeps the bucket) stopped as a checkpoint is due and restarted
     10 s later; then the newest checkpoint is truncated on storage and a worker killed (fallback)."""
-    from chaos_harness import ckpt_module
-
     from ray_mmd import storage as sto
+    from tests.chaos.chaos_harness import ckpt_module
 
     st = ckpt_module()
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 import time
 
 import pytest
-from chaos_harness import Scenario, reference, write_report
+
+from tests.chaos.chaos_harness import Scenario, reference, write_report
 
 pytestmark = pytest.mark.slow
 EPOCHS = 8

@@ -11,20 +11,15 @@ import time
 import pytest
 
 from ray_mmd.data import manifest as mf
-from ray_mmd.data import stream as stream_mod
 from ray_mmd.data.cache import ShardCache
-from ray_mmd.data.stream import Chunk, DataStream, StreamConfig
+from ray_mmd.data.order import Chunk
+from ray_mmd.data.stream import DataStream
 from ray_mmd.errors import UserError
 
 
 @pytest.fixture(scope="module")
 def packed(packed_factory) -> str:
     return packed_factory(160, 20, seed=3)
-
-
-@pytest.fixture(scope="module")
-def packed_gs(packed, to_gcs) -> str:
-    return to_gcs(packed)
 
 
 def _disk_bytes(d: str) -> int:
@@ -109,10 +104,10 @@ def test_shard_larger_than_budget_is_a_user_error(packed, tmp_path):
         c.get(man.url(man.shards[0].path), man.shards[0])
 
 
-def test_next_chunk_cached_before_stream_reaches_it(packed_gs, tmp_path):
+def test_next_chunk_cached_before_stream_reaches_it(packed_gs, tmp_path, stream_cfg):
     man = mf.load(packed_gs)
-    cfg = StreamConfig(
-        data=packed_gs,
+    cfg = stream_cfg(
+        packed_gs,
         chunks=[Chunk(0, 80, 1), Chunk(80, 160, 1)],
         image_size=32,
         global_batch_size=8,
@@ -120,7 +115,6 @@ def test_next_chunk_cached_before_stream_reaches_it(packed_gs, tmp_path):
         cache_bytes=sum(s.bytes for s in man.shards) + 1,
         workers=2,
     )
-    stream_mod.clear_process_caches()
     s = DataStream(cfg)
     g = s.epoch_batches()
     next(g)  # chunk 0 has started; chunk 1 is being prefetched in the background

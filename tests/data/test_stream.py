@@ -1,4 +1,5 @@
-"""Exactly-once resumable stream: restarts and world-size changes, selective reads, Ray Data backend."""
+"""Exactly-once resumable stream: restarts and world-size changes, chunk schedule, quarantine, eval
+batches, decoded preload shared between ranks."""
 
 from __future__ import annotations
 
@@ -10,34 +11,26 @@ import sys
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ray_mmd.data import manifest as mf
-from ray_mmd.data import stream as stream_mod
-from ray_mmd.data.stream import Chunk, DataStream, StreamConfig, epoch_order, eval_batches
+from ray_mmd.data.order import Chunk, epoch_order
+from ray_mmd.data.stream import DataStream, StreamConfig, eval_batches
 from ray_mmd.errors import UserError
 
 SIZE = 32  # tiny images keep the property test fast
 
 
-@pytest.fixture(scope="module")
-def packed(packed_factory) -> str:
-    return packed_factory(240, 20, seed=1)
+@pytest.fixture
+def cfg_of(stream_cfg):
+    """cfg_of(url, **kw): this module's stream config (tiny images, one chunk, two decode threads)."""
 
+    def make(url: str, **kw) -> StreamConfig:
+        base = dict(chunks=[Chunk(10, 230, 1)], image_size=SIZE, global_batch_size=16, seed=3, workers=2)
+        return stream_cfg(url, **{**base, **kw})
 
-@pytest.fixture(scope="module")
-def packed_gs(packed, to_gcs) -> str:
-    return to_gcs(packed)
-
-
-def _cfg(url: str, **kw) -> StreamConfig:
-    base = dict(
-        data=url, chunks=[Chunk(10, 230, 1)], image_size=SIZE, global_batch_size=16, seed=3, workers=2
-    )
-    base.update(kw)
-    return StreamConfig(**base)
+    return make
 
 
 def _consume_with_restarts(cfg: StreamConfig, plan: list[tuple[int, int]]) -> tuple[list[int], dict]:
@@ -69,9 +62,10 @@ def _consume_with_restarts(cfg: StreamConfig, plan: list[tuple[int, int]]) -> tu
 
 
 def _expected(cfg: StreamConfig) -> tuple[list[int], int]:
-    man = mf.load(cfg.data)
-    ids, _ = epoch_order(man, cfg.chunks[0], 0, 0, cfg.split, cfg.seed, cfg.shuffle, cfg.shuffle_window)
-    n = len(ids) // cfg.global_batch_size * cfg.global_batch_size
+    d = cfg.data
+    man = mf.load(d.url)
+    ids, _ = epoch_order(man, cfg.chunks[0], 0, 0, cfg.split, d.seed, d.shuffle, cfg.shuffle_window)
+    n = len(ids) // d.global_batch_size * d.global_batch_size
     return sorted(ids[:n].tolist()), len(ids) - n
 
 
@@ -80,8 +74,8 @@ plans = st.lists(st.tuples(st.integers(1, 3), st.integers(1, 4)), min_size=1, ma
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(plan=plans, gbs=st.sampled_from([7, 16, 24]))
-def test_exactly_once_local(packed, plan, gbs):
-    cfg = _cfg(packed, global_batch_size=gbs)
+def test_exactly_once_local(packed, plan, gbs, cfg_of):
+    cfg = cfg_of(packed, global_batch_size=gbs)
     seen, state = _consume_with_restarts(cfg, plan)
     want, dropped = _expected(cfg)
     assert sorted(seen) == want  # every sample once: no repeats, none skipped
@@ -90,47 +84,25 @@ def test_exactly_once_local(packed, plan, gbs):
 
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(plan=plans)
-def test_exactly_once_gcs(packed_gs, plan):
-    cfg = _cfg(packed_gs, global_batch_size=24, cache_dir=None)
+def test_exactly_once_gcs(packed_gs, plan, cfg_of):
+    cfg = cfg_of(packed_gs, global_batch_size=24, cache_dir=None)
     seen, state = _consume_with_restarts(cfg, plan)
     want, dropped = _expected(cfg)
     assert sorted(seen) == want
     assert state["dropped"] == dropped
 
 
-def test_order_independent_of_world_size_and_deterministic(packed):
-    cfg = _cfg(packed, shuffle=True)
+def test_order_independent_of_world_size_and_deterministic(packed, cfg_of):
+    cfg = cfg_of(packed, shuffle=True)
     one, _ = _consume_with_restarts(cfg, [(1, 10**9)])
     again, _ = _consume_with_restarts(cfg, [(1, 3), (1, 10**9)])
     assert one == again  # fixed seed + world size: same order, interrupted or not
-    other, _ = _consume_with_restarts(_cfg(packed, seed=4), [(1, 10**9)])
+    other, _ = _consume_with_restarts(cfg_of(packed, seed=4), [(1, 10**9)])
     assert other != one and len(other) == len(one)  # another seed: another order (and dropped tail)
 
 
-def test_resume_skips_consumed_shards(packed):
-    cfg = _cfg(packed, shuffle=False, global_batch_size=10, chunks=[Chunk(0, 240, 1)])
-    s = DataStream(cfg)
-    g = s.epoch_batches()
-    for _ in range(int(0.7 * s.steps_in_epoch())):
-        last = next(g)
-    g.close()
-    state = s.state_dict()
-    consumed_max = int(last["sample_id"].max())
-    stream_mod.clear_process_caches()
-    stream_mod.OPENED.clear()
-    r = DataStream(cfg)
-    r.load_state_dict(state)
-    rest = [int(i) for b in r.epoch_batches() for i in b["sample_id"]]
-    assert min(rest) > consumed_max
-    man = mf.load(packed)
-    opened = {u.rsplit("/", 1)[-1] for u in stream_mod.OPENED}
-    consumed_shards = {s_.path.rsplit("/", 1)[-1] for s_ in man.shards if s_.last_id < min(rest)}
-    assert consumed_shards and not opened & consumed_shards
-    assert r.stats()["shards_opened"] == len(opened) <= len(man.shards) - len(consumed_shards)
-
-
-def test_multi_chunk_schedule_and_state_mismatch(packed):
-    cfg = _cfg(packed, chunks=[Chunk(0, 100, 2), Chunk(100, 240, 1)], global_batch_size=16)
+def test_multi_chunk_schedule_and_state_mismatch(packed, cfg_of):
+    cfg = cfg_of(packed, chunks=[Chunk(0, 100, 2), Chunk(100, 240, 1)], global_batch_size=16)
     s = DataStream(cfg)
     visits = []
     while not s.done:
@@ -140,12 +112,12 @@ def test_multi_chunk_schedule_and_state_mismatch(packed):
         lo, hi = cfg.chunks[pos[0]].lo, cfg.chunks[pos[0]].hi
         assert all(lo <= i < hi for i in ids)
     assert [v[0] for v in visits] == [(0, 0, 0), (0, 1, 0), (1, 0, 0)]
-    other = DataStream(_cfg(packed, chunks=[Chunk(0, 50, 1)]))
+    other = DataStream(cfg_of(packed, chunks=[Chunk(0, 50, 1)]))
     with pytest.raises(UserError, match="chunks"):
         other.load_state_dict(s.state_dict())
 
 
-def test_quarantine_bad_sample(packed, tmp_path):
+def test_quarantine_bad_sample(packed, tmp_path, cfg_of):
     root = str(tmp_path / "bad")
     shutil.copytree(packed, root)
     man = mf.load(root)
@@ -162,55 +134,31 @@ def test_quarantine_bad_sample(packed, tmp_path):
 
     shard.sha256, shard.bytes = hashlib.sha256(data).hexdigest(), len(data)
     man.save(root)
-    cfg = _cfg(root, shuffle=False, chunks=[Chunk(0, 240, 1)])
+    cfg = cfg_of(root, shuffle=False, chunks=[Chunk(0, 240, 1)])
     s = DataStream(cfg)
     seen = [int(i) for b in s.epoch_batches() for i in b["sample_id"]]
     assert victim not in seen
     st_ = s.stats()
     assert st_["quarantined"] == 1 and st_["quarantine"][0]["sample_id"] == victim
-    strict = DataStream(dataclasses.replace(cfg, max_bad_fraction=0.0))
+    strict = DataStream(cfg.with_data(max_bad_fraction=0.0))
     with pytest.raises(UserError, match="max_bad_fraction"):
         list(strict.epoch_batches())
     # the same bad sample comes back every epoch: the fraction is per epoch, not over the whole run
     n_train = len(man.sample_ids("train", 0, 240))
-    three = DataStream(dataclasses.replace(cfg, chunks=[Chunk(0, 240, 3)], max_bad_fraction=1.5 / n_train))
+    three = DataStream(
+        dataclasses.replace(cfg, chunks=[Chunk(0, 240, 3)]).with_data(max_bad_fraction=1.5 / n_train)
+    )
     for _ in range(3):
         assert victim not in {int(i) for b in three.epoch_batches() for i in b["sample_id"]}
     assert three.stats()["quarantined"] == 3 and three.done
 
 
-def test_eval_batches_disjoint(packed):
-    cfg = _cfg(packed)
+def test_eval_batches_disjoint(packed, cfg_of):
+    cfg = cfg_of(packed)
     man = mf.load(packed)
     parts = [[int(i) for b in eval_batches(cfg, r, 2, 8) for i in b["sample_id"]] for r in range(2)]
     assert not set(parts[0]) & set(parts[1])
     assert sorted(parts[0] + parts[1]) == man.sample_ids("test").tolist()
-
-
-def test_ray_backend_and_decoded_preload(packed, ray_local):
-    base = _cfg(packed, decoder="pil", chunks=[Chunk(0, 240, 2)], flip_p=0.5)
-    ref = DataStream(base)
-    ref_batches = [b for _ in range(2) for b in ref.epoch_batches()]
-    stream_mod.clear_process_caches()
-    rb = DataStream(dataclasses.replace(base, backend="ray", decoded_preload_bytes=64 << 20))
-    e1 = list(rb.epoch_batches())
-    decoded_after_e1 = rb.stats()["decoded"]
-    e2 = list(rb.epoch_batches())
-    assert rb.done
-    st_ = rb.stats()
-    ids1 = {int(i) for b in e1 for i in b["sample_id"]}
-    new_in_e2 = {int(i) for b in e2 for i in b["sample_id"]} - ids1  # epoch 1's dropped tail
-    assert st_["decoded"] - decoded_after_e1 == len(new_in_e2) < 16  # the rest of epoch 2 from memory
-    assert st_["preload_hits"] == len(e2) * 16 - len(new_in_e2)
-    # preload keeps samples at the stage size (resized on the host), the reference ships decode-size
-    # batches resized by the finisher: same kernel, so the model tensors agree
-    assert rb._shapes["depth"] == (SIZE, SIZE) and ref._shapes["depth"] != (SIZE, SIZE)
-    fin_ref, fin_rb = ref.finisher(), rb.finisher()
-    for a, b in zip(ref_batches, e1 + e2, strict=True):
-        assert np.array_equal(a["sample_id"], b["sample_id"])
-        fa, fb = fin_ref(a), fin_rb(b)
-        for k in ("x", "mask", "depth"):
-            assert np.allclose(fa[k].numpy(), fb[k].numpy(), atol=1e-5), k
 
 
 class _RemoteRank:
@@ -224,19 +172,18 @@ class _RemoteRank:
         return ids, self.s.stats()
 
 
-def test_shared_decoded_preload_serves_ranks_in_other_processes(packed, ray_local):
+def test_shared_decoded_preload_serves_ranks_in_other_processes(packed, ray_local, cfg_of):
     ray = ray_local
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import test modules
-    cfg = _cfg(packed, chunks=[Chunk(0, 240, 3)], decoded_preload_bytes=64 << 20, preload_group="t-shared")
-    stream_mod.clear_process_caches()
+    cfg = cfg_of(packed, chunks=[Chunk(0, 240, 3)], decoded_preload_bytes=64 << 20, preload_group="t-shared")
     r0 = DataStream(cfg, 0, 2)
     r1 = ray.remote(num_cpus=0)(_RemoteRank).remote(cfg, 1, 2)
-    ref0 = DataStream(dataclasses.replace(cfg, decoded_preload_bytes=0), 0, 2)  # same rank, no preload
+    ref0 = DataStream(cfg.with_data(decoded_preload_bytes=0), 0, 2)  # same rank, no preload
     fin, fin_ref = r0.finisher(), ref0.finisher()
     seen: list[tuple[set, set, dict, dict]] = []
     for epoch in range(3):
         if epoch == 2:  # the store is lost (as when the rank that owns it dies): decode again, no error
-            stream_mod._DECODED[next(iter(stream_mod._DECODED))].close()
+            r0._preloaded[1].close()
         s0 = r0.stats()
         b0 = list(r0.epoch_batches())
         ref_b = list(ref0.epoch_batches())
@@ -255,28 +202,3 @@ def test_shared_decoded_preload_serves_ranks_in_other_processes(packed, ray_loca
     assert from_other and st0_2["preload_hits"] == len(b0_ & (a0 | a1)) > len(b0_ & a0)
     assert st0_2["decoded"] == len(b0_ - (a0 | a1))
     assert st0_3["decoded"] + st0_3["preload_hits"] == len(c0) and st0_3["decoded"] > 0
-
-
-def test_process_backend_matches_threads_across_a_restart(packed):
-    from ray_mmd.data.transforms import KEYS
-
-    base = _cfg(packed, chunks=[Chunk(0, 240, 2)], flip_p=0.5)
-    ref = DataStream(base)
-    want = [b for _ in range(2) for b in ref.epoch_batches()]
-    a = DataStream(dataclasses.replace(base, backend="process"))
-    g = a.epoch_batches()
-    got = [next(g) for _ in range(2)]
-    g.close()
-    g = a.epoch_batches()  # the same stream again: its loader resets the running workers
-    got.append(next(g))
-    g.close()
-    state = a.state_dict()
-    a.close()  # worker processes stop; a new stream (as after a preemption) carries on
-    b = DataStream(dataclasses.replace(base, backend="process"))
-    b.load_state_dict(state)
-    got += [x for _ in range(2) for x in b.epoch_batches()]
-    b.close()
-    assert len(got) == len(want) and b.done
-    for x, y in zip(got, want, strict=True):
-        for k in (*KEYS, "bg_id", "flip", "sample_id"):
-            assert torch.equal(x[k], y[k]), k

@@ -3,22 +3,21 @@ manifest stats, joint flips)."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import simplejpeg
 import torch
 
 from ray_mmd.data import manifest as mf
-from ray_mmd.data.stream import Chunk, DataStream, StreamConfig, make_finisher
+from ray_mmd.data.order import Chunk
+from ray_mmd.data.stream import DataStream
 from ray_mmd.data.transforms import (
     BatchFinisher,
     alloc_wire,
     decode_image,
     decode_into,
-    decode_samples,
     flip_decisions,
+    make_finisher,
     resize_u8,
     wire_shapes,
 )
@@ -59,12 +58,13 @@ def test_decode_into_writes_rows_in_place_and_resizes_odd_sizes():
     assert not buf[2].any()  # failed rows are zeroed
 
 
-def test_decode_samples_quarantines_corrupt():
+def test_decode_into_reports_every_corrupt_row():
     good = _jpeg(250, 250)
-    gm = _jpeg(250, 250, True)
-    fg, m, d, ok, reasons = decode_samples([good, b"junk", good[:100]], [gm] * 3, [gm, gm, b""], 56)
-    assert fg.shape == (3, 3, 56, 56) and m.shape == (3, 56, 56) and d.dtype == torch.uint8
-    assert ok.tolist() == [True, False, False] and reasons[1]
+    fg = np.full((3, 63, 63, 3), 7, np.uint8)
+    reasons = decode_into([good, b"junk", good[:100]], fg, False, 56)
+    assert [bool(r) for r in reasons] == [False, True, True] and fg[0].std() > 0 and not fg[1:].any()
+    gray = np.full((2, 63, 63), 7, np.uint8)
+    assert [bool(r) for r in decode_into([_jpeg(250, 250, True), b""], gray, True, 56)] == [False, True]
 
 
 def test_resize_mixed_shapes():
@@ -95,7 +95,7 @@ def _wire(n: int, hw: tuple[int, int], n_bg: int, flip: list[bool] | None = None
     }
 
 
-def test_finisher_normalises_with_manifest_stats(packed):
+def test_finisher_normalises_with_manifest_stats(packed, stream_cfg):
     man = mf.load(packed)
     bg = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
     fin = BatchFinisher(man.stats, bg, 8)
@@ -108,7 +108,7 @@ def test_finisher_normalises_with_manifest_stats(packed):
         assert torch.allclose(out["x"][:, lo : lo + 3] * std + mean, img.float() / 255, atol=1e-5), key
     assert torch.allclose(out["mask"][:, 0], w["mask"].float() / 255)
     # over a real epoch the normalised fg_bg is roughly zero-mean, unit-std
-    s = DataStream(StreamConfig(data=packed, image_size=56, global_batch_size=16, flip_p=0.0, workers=2))
+    s = DataStream(stream_cfg(packed, image_size=56, global_batch_size=16, flip_p=0.0, workers=2))
     x = torch.cat([b["x"] for b in s.model_batches()])
     assert x.shape[1:] == (6, 56, 56)
     assert x[:, :3].mean().abs() < 0.3 and 0.6 < x[:, :3].std() < 1.4
@@ -128,12 +128,12 @@ def test_finisher_gpu_path_matches_host_kernel(packed):
     assert (host["x"][:, :3] - dev["x"][:, :3]).abs().max() < 0.05  # ~1/255 over std
 
 
-def test_joint_flip_keeps_targets_aligned(packed):
-    cfg = StreamConfig(
-        data=packed, image_size=56, global_batch_size=16, shuffle=False, workers=2, chunks=[Chunk(0, 60, 1)]
+def test_joint_flip_keeps_targets_aligned(packed, stream_cfg):
+    cfg = stream_cfg(
+        packed, image_size=56, global_batch_size=16, shuffle=False, workers=2, chunks=[Chunk(0, 60, 1)]
     )
-    plain = list(DataStream(dataclasses.replace(cfg, flip_p=0.0)).model_batches())
-    flipped = list(DataStream(dataclasses.replace(cfg, flip_p=1.0)).model_batches())
+    plain = list(DataStream(cfg.with_data(flip_p=0.0)).model_batches())
+    flipped = list(DataStream(cfg.with_data(flip_p=1.0)).model_batches())
     for a, b in zip(plain, flipped, strict=True):
         assert torch.equal(a["sample_id"], b["sample_id"])
         for k in ("x", "mask", "depth"):

@@ -19,8 +19,9 @@ import torch
 
 from ray_mmd.config import load
 from ray_mmd.data import manifest as mf
-from ray_mmd.train import state as st
+from ray_mmd.train import checkpoint as ck
 from ray_mmd.train import trainer
+from tests.conftest import tiny_overrides
 
 pytestmark = pytest.mark.slow
 GBS = 16
@@ -51,28 +52,21 @@ def cluster():
 def _cfg(packed: str, storage: Path, name: str, *extra: str):
     return load(
         None,
-        [
-            f"data.url={packed}",
-            f"run.storage={storage}",
-            f"run.name={name}",
-            "run.progress=false",
-            "run.log_every=2",
+        tiny_overrides(
+            packed,
+            storage,
+            name,
             "run.max_failures=2",
-            "model.width=4",
-            "data.image_size=32",
             f"data.global_batch_size={GBS}",
             "data.chunks=[[0,96,2]]",
-            "optim.amp=off",
-            "checkpoint.every_steps=2",
-            "eval.max_samples=16",
             "debug.record_ids=true",
             *extra,
-        ],
+        ),
     )
 
 
 def _check_exactly_once(run: Path, packed: str) -> dict:
-    sd, _, _ = st.final_checkpoint(str(run))
+    sd, _, _ = ck.final_checkpoint(str(run))
     train_ids = set(mf.load(packed).sample_ids("train", 0, 96).tolist())
     per_epoch = len(train_ids) // GBS
     steps = sd["ids"]["steps"]
@@ -93,7 +87,7 @@ def test_worker_sigkill_mid_epoch_resumes_bitwise(cluster, packed_dataset, tmp_p
     assert marker.exists() and out.metrics["reason"] == "final"
     sd = _check_exactly_once(tmp_path / "killed", packed_dataset)
     assert sd["progress"]["restarts"] == 1
-    a = st.final_checkpoint(str(tmp_path / "straight"))[0]["model"]
+    a = ck.final_checkpoint(str(tmp_path / "straight"))[0]["model"]
     assert a.keys() == sd["model"].keys() and all(torch.equal(a[k], sd["model"][k]) for k in a)
 
 
@@ -113,8 +107,8 @@ def test_node_removed_mid_run_continues_elastically(cluster, packed_dataset, tmp
     run = tmp_path / "elastic"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # wait for a complete checkpoint past step 2, then pull a node
-        done = [u for u in st.list_checkpoints(str(run)) if (Path(u) / st.META_FILE).exists()]
-        if done and int(st.CKPT_RE.match(Path(done[0]).name).group(1)) >= 2:
+        done = [u for u in ck.list_checkpoints(str(run)) if (Path(u) / ck.META_FILE).exists()]
+        if done and int(ck.CKPT_RE.match(Path(done[0]).name).group(1)) >= 2:
             break
         time.sleep(0.2)
     else:

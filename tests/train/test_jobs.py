@@ -12,7 +12,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,27 +20,12 @@ from pathlib import Path
 import pytest
 
 from ray_mmd.data import manifest as mf
-from ray_mmd.train import state as st
+from ray_mmd.train import checkpoint as ck
+from tests.conftest import TINY, free_port, wait_for_port
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
 @pytest.fixture(scope="module")
@@ -110,13 +94,8 @@ def _tiny(packed: str, storage: Path, name: str, *extra: str) -> list[str]:
         name,
         "--workers",
         "2,2",
-        "model.width=4",
-        "data.image_size=32",
+        *TINY,
         "data.global_batch_size=16",
-        "checkpoint.every_steps=2",
-        "eval.max_samples=16",
-        "run.log_every=2",
-        "run.progress=false",
         *extra,
     ]
 
@@ -141,7 +120,7 @@ def test_ray_job_submit_succeeds_with_small_working_dir(ray_head, packed_dataset
     )
     assert f"Job '{job.group(1)}' succeeded" in status.stdout + status.stderr
     assert "held-out metrics:" in out and "iou=" in out and "checkpoint:  " in out
-    assert st.list_checkpoints(str(tmp_path / "submitted"))
+    assert ck.list_checkpoints(str(tmp_path / "submitted"))
     pkgs = list((ray_head["tmp"]).glob("session_*/runtime_resources/working_dir_files/_ray_pkg_*"))
     assert pkgs, "working dir package not found"
     files = [p for p in pkgs[0].rglob("*") if p.is_file()]
@@ -154,10 +133,10 @@ def test_ray_job_submit_succeeds_with_small_working_dir(ray_head, packed_dataset
 
 def newest_complete(run: Path) -> int:
     """Step of the newest checkpoint that verifies right now (-1 if none)."""
-    for url in st.list_checkpoints(str(run)):
+    for url in ck.list_checkpoints(str(run)):
         try:
-            return st.load_checkpoint(url)[1]["step"]
-        except st.CheckpointError:
+            return ck.load_checkpoint(url)[1]["step"]
+        except ck.CheckpointError:
             continue
     return -1
 
@@ -192,7 +171,7 @@ def test_driver_killed_rerun_resumes_from_latest_checkpoint(ray_head, packed_dat
     assert r.returncode == 0, out[-3000:]
     resumed = [int(m) for m in re.findall(r"resumed from \S+ at global step (\d+)", out)]
     assert resumed and resumed[0] >= seen, (resumed, seen)  # lost at most one checkpoint interval
-    sd, meta, _ = st.final_checkpoint(str(run))
+    sd, meta, _ = ck.final_checkpoint(str(run))
     assert meta["reason"] == "final"
     steps = sd["ids"]["steps"]
     per_epoch = len(mf.load(packed_dataset).sample_ids("train", 0, 120)) // 16

@@ -1,4 +1,4 @@
-"""loop.py in-process (run.workers=0: Ray Train's local mode): learning, exact resume, NaN abort, LR by step."""
+"""loop.py in-process (run.workers=0: Ray Train's local mode): learning, exact resume, NaN abort and skips."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 
 from ray_mmd.config import TrainConfig, load
 from ray_mmd.data import manifest as mf
-from ray_mmd.train import loop, trainer
-from ray_mmd.train import state as st
+from ray_mmd.train import checkpoint as ck
+from ray_mmd.train import trainer
 
 
 def tiny(packed: str, storage: str, name: str, *extra: str) -> TrainConfig:
@@ -39,29 +39,8 @@ def tiny(packed: str, storage: str, name: str, *extra: str) -> TrainConfig:
 
 
 def weights(run_url: str) -> dict[str, torch.Tensor]:
-    sd, _, _ = st.final_checkpoint(run_url)
+    sd, _, _ = ck.final_checkpoint(run_url)
     return sd["model"]
-
-
-def test_lr_schedule_is_a_function_of_the_global_step(packed_dataset):
-    cfg = tiny(packed_dataset, "/tmp/x", "x", "optim.schedule=onecycle")
-    man = mf.load(packed_dataset)
-    steps = loop.total_steps(cfg, man)
-    assert steps == 2 * (len(man.sample_ids("train", 0, 96)) // 16)
-    f = loop.lr_lambda(cfg, steps)
-    vals = [f(s) for s in range(steps + 1)]
-    assert max(vals) == pytest.approx(1.0, abs=0.05) and vals[-1] < 0.05 and vals[0] < vals[1]
-    assert loop.lr_lambda(cfg, steps)(3) == f(3)  # no hidden state: same step, same LR
-
-
-def test_shard_cache_on_by_default_for_remote_data_only():
-    assert loop.shard_cache_dir("auto", "gs://b/packed").endswith("ray_mmd_shard_cache")
-    assert loop.shard_cache_dir("auto", "/data/packed") is None
-    assert loop.shard_cache_dir("/content/cache", "/content/drive/packed") == "/content/cache"
-    assert loop.shard_cache_dir(None, "gs://b/packed") is None
-    cfg = load(None, ["data.url=gs://b/packed", "data.backend=process", "data.decode_workers=3"])
-    s = loop.stream_config(cfg, [(0, 10, 1)])
-    assert (s.cache_dir, s.backend, s.workers) == (loop.shard_cache_dir("auto", "gs://x"), "process", 3)
 
 
 def test_learns_and_writes_run_dir(packed_dataset, tmp_path):
@@ -80,8 +59,8 @@ def test_learns_and_writes_run_dir(packed_dataset, tmp_path):
     assert (run / "grid_latest.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(run / "tensorboard"))
     assert out.checkpoint is not None and out.checkpoint.startswith(str(run))
-    assert len(st.list_checkpoints(str(run))) == cfg.checkpoint.num_to_keep
-    sd, meta, _ = st.final_checkpoint(str(run))
+    assert len(ck.list_checkpoints(str(run))) == cfg.checkpoint.num_to_keep
+    sd, meta, _ = ck.final_checkpoint(str(run))
     assert meta["reason"] == "final" and sd["data"]["chunk_index"] == 1  # schedule complete
 
 
@@ -108,7 +87,7 @@ def test_resume_after_crash_is_bitwise_identical(packed_dataset, tmp_path):
     )
     a, b = weights(str(tmp_path / "straight")), weights(str(tmp_path / "crashy"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    sd, _, _ = st.final_checkpoint(str(tmp_path / "crashy"))
+    sd, _, _ = ck.final_checkpoint(str(tmp_path / "crashy"))
     assert sd["progress"]["restarts"] == 1
     train_ids = set(mf.load(packed_dataset).sample_ids("train", 0, 96).tolist())
     per_epoch = len(train_ids) // 16
@@ -132,12 +111,12 @@ def test_nan_streak_aborts_with_ids_and_last_checkpoint(packed_dataset, tmp_path
     msg = str(e.value)
     assert "3 non-finite losses in a row" in msg and "sample ids" in msg
     # steps 0-3 trained (checkpoints at 3 and at the epoch end, 4), then step indexes 4, 5, 6 were non-finite
-    assert "checkpoint (before the streak): " in msg and st.checkpoint_dir_name(4, "") in msg
+    assert "checkpoint (before the streak): " in msg and ck.checkpoint_dir_name(4, "") in msg
 
 
 def test_isolated_nan_steps_are_skipped_and_counted(packed_dataset, tmp_path):
     cfg = tiny(packed_dataset, str(tmp_path), "skip", "debug.nan_at_steps=[2,5]", "run.nan_abort_after=2")
     trainer.fit(cfg)
-    sd, _, _ = st.final_checkpoint(str(tmp_path / "skip"))
+    sd, _, _ = ck.final_checkpoint(str(tmp_path / "skip"))
     assert sd["progress"]["skipped_steps"] == 2
     assert all(torch.isfinite(v).all() for v in sd["model"].values() if v.is_floating_point())

@@ -149,3 +149,33 @@ def test_cli_prints_one_line_and_exits_2_for_bad_input():
         assert len(p.stderr.strip().splitlines()) == 1 and "error" in p.stderr, p.stderr
         if args[0] == "--workers" and args[1] == "0":
             assert "--workers 0: a run needs at least one worker" in p.stderr
+
+
+def test_driver_fits_again_after_each_handoff_and_counts_them(tmp_path):
+    """The workers left a HANDOFF marker: the driver fits again (resume) until a fit ends without one;
+    past run.max_preemption_failures it stops with one line."""
+    import json as js
+    from types import SimpleNamespace
+
+    from ray_mmd.train.preemption import HANDOFF, PreemptionBudgetExceeded, fit_through_handoffs
+
+    marker = tmp_path / HANDOFF
+    note = js.dumps({"step": 3, "seen_at": 0, "deadline": 0, "nodes": {}, "ranks": [1], "had_deadline": True})
+    fits = []
+
+    def fit(handoffs: int):
+        def run():
+            fits.append(1)
+            if len(fits) <= handoffs:
+                marker.write_text(note)
+                return SimpleNamespace(metrics={"reason": "preempt-deadline"})
+            return SimpleNamespace(metrics={"reason": "final"})
+
+        return run
+
+    cfg = SimpleNamespace(name="r", max_preemption_failures=-1)
+    assert fit_through_handoffs(fit(2), str(tmp_path), cfg).metrics["reason"] == "final"
+    assert len(fits) == 3 and not marker.exists()
+    fits.clear()
+    with pytest.raises(PreemptionBudgetExceeded, match="2 preemptions exceed run.max_preemption_failures=1"):
+        fit_through_handoffs(fit(5), str(tmp_path), SimpleNamespace(name="r", max_preemption_failures=1))

@@ -8,8 +8,8 @@ import torch
 from ray_mmd.config import load
 from ray_mmd.errors import UserError
 from ray_mmd.models import build_model
+from ray_mmd.train import checkpoint as ck
 from ray_mmd.train import stages
-from ray_mmd.train import state as st
 
 
 def _cfg(tmp_path, *ov: str):
@@ -22,8 +22,8 @@ def _parent_run(tmp_path, name="s1", steps=(5, 9)):
         torch.manual_seed(step)
         m = build_model("unet", width=4)
         sd = {"model": m.state_dict(), "lineage": {"run": name, "stage": 1, "parent": None}}
-        st.write_checkpoint(
-            str(tmp_path / name / st.checkpoint_dir_name(step, "x")), sd, {"step": step, "stage": 1}
+        ck.write_checkpoint(
+            str(tmp_path / name / ck.checkpoint_dir_name(step, "x")), sd, {"step": step, "stage": 1}
         )
     return m.state_dict()
 
@@ -44,7 +44,7 @@ def test_stage2_loads_newest_parent_into_spine_and_freezes_it(tmp_path):
     model = build_model("unet224", width=4)
     rec = stages.init_from_parent(model, cfg)
     assert (
-        rec["run"] == "s1" and rec["step"] == 9 and rec["checkpoint"].endswith(st.checkpoint_dir_name(9, "x"))
+        rec["run"] == "s1" and rec["step"] == 9 and rec["checkpoint"].endswith(ck.checkpoint_dir_name(9, "x"))
     )
     assert all(torch.equal(v, model.spine.state_dict()[k]) for k, v in want.items())
     stages.apply_freeze(model, cfg)
@@ -56,7 +56,7 @@ def test_stage2_loads_newest_parent_into_spine_and_freezes_it(tmp_path):
 
 def test_parent_by_checkpoint_url_and_width_mismatch(tmp_path):
     _parent_run(tmp_path)
-    url = str(tmp_path / "s1" / st.checkpoint_dir_name(5, "x"))
+    url = str(tmp_path / "s1" / ck.checkpoint_dir_name(5, "x"))
     cfg = _cfg(tmp_path, "stage=2", "model.name=unet224", f"parent={url}")
     assert stages.init_from_parent(build_model("unet224", width=4), cfg)["step"] == 5
     wide = _cfg(tmp_path, "stage=2", "model.name=unet224", "parent=s1", "model.width=8")

@@ -123,8 +123,6 @@ def test_amp_policy_choices():
     assert AmpPolicy.for_device("cpu", "bf16").dtype == torch.bfloat16
     with pytest.raises(ValueError, match="fp16"):
         AmpPolicy.for_device("cpu", "fp16")
-    with pytest.raises(ValueError, match="valid modes"):
-        AmpPolicy.for_device("cpu", "int8")
     if torch.cuda.is_available():
         gpu = AmpPolicy.for_device("cuda")
         assert gpu.channels_last and gpu.mode in ("bf16", "fp16")
@@ -144,11 +142,9 @@ def test_bf16_step_on_cpu_keeps_fp32_weights_and_losses():
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
-def test_plain_loss_callable_and_bad_optimizer():
+def test_plain_loss_callable():
     model = build_model("unet", width=4)
     opt = make_optimizer(model.parameters())
     l1 = build_loss("l1")
     out = train_step(model, _batch(n=2), lambda o, m, d: l1(o[:, :1], m), opt)
     assert set(out) == {"loss", "grad_norm", "finite"}
-    with pytest.raises(ValueError, match="adamw"):
-        make_optimizer(model.parameters(), name="lamb")

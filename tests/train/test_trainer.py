@@ -10,8 +10,9 @@ import torch
 from ray_mmd import storage
 from ray_mmd.config import load
 from ray_mmd.data import manifest as mf
-from ray_mmd.train import state as st
+from ray_mmd.train import checkpoint as ck
 from ray_mmd.train import trainer
+from tests.conftest import tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -21,27 +22,21 @@ def _stage(packed: str, bucket: str, stage: int, *extra: str):
     size = 32 if stage == 1 else 128
     return load(
         None,
-        [
+        tiny_overrides(
+            packed,
+            f"{bucket}/runs",
+            f"s{stage}",
             f"stage={stage}",
-            f"data.url={packed}",
-            f"run.storage={bucket}/runs",
-            f"run.name=s{stage}",
             "run.workers=2",
-            "run.progress=false",
-            "run.log_every=2",
             f"model.name={model}",
-            "model.width=4",
             f"data.image_size={size}",
             "data.global_batch_size=16",
             "data.micro_batch_size=4",  # 8 per worker -> 2 accumulated micro-batches
             "data.chunks=[[0,80,1]]",
-            "optim.amp=off",
-            "checkpoint.every_steps=2",
-            "eval.max_samples=16",
             "eval.batch_size=8",
             *([f"parent=s{stage - 1}"] if stage > 1 else []),
             *extra,
-        ],
+        ),
     )
 
 
@@ -52,7 +47,7 @@ def test_stages_1_2_3_on_gcs(ray_local, gcs_emulator, packed_dataset):
         assert out.checkpoint and out.checkpoint.startswith(f"{bucket}/runs/s{s}/checkpoint_")
         assert out.metrics["world_size"] == 2 and out.metrics["reason"] == "final"
         assert any(k.startswith("eval/") for k in out.metrics)
-    finals = [st.load_checkpoint(o.checkpoint)[0] for o in outs]
+    finals = [ck.load_checkpoint(o.checkpoint)[0] for o in outs]
     s1, s2, s3 = (f["model"] for f in finals)
     # stage 2 started from stage 1's final weights and left the spine bitwise unchanged (BN stats too)
     spine2 = {k[len("spine.") :]: v for k, v in s2.items() if k.startswith("spine.")}
@@ -83,12 +78,12 @@ def test_stages_1_2_3_on_gcs(ray_local, gcs_emulator, packed_dataset):
 def test_nan_streak_stops_the_run_without_ray_retrying_it(ray_local, packed_dataset, tmp_path):
     """A NaN streak is deterministic: the workers end cleanly and the driver raises it (a retry would
     restore the same checkpoint and meet the same streak, max_failures times over)."""
-    from ray_mmd.train.loop import NonFiniteLossError
+    from ray_mmd.train.metrics import NonFiniteLossError
 
     nan = ("run.max_failures=3", "debug.nan_at_steps=[0,1]", "run.nan_abort_after=2")
     with pytest.raises(NonFiniteLossError, match="2 non-finite losses in a row ending at global step 1"):
         trainer.fit(_stage(packed_dataset, str(tmp_path), 1, *nan))
-    assert st.list_checkpoints(f"{tmp_path}/runs/s1") == []  # nothing after the streak was saved
+    assert ck.list_checkpoints(f"{tmp_path}/runs/s1") == []  # nothing after the streak was saved
 
 
 def test_resolve_paths_makes_local_paths_absolute_and_keeps_auto(tmp_path, monkeypatch):
