@@ -154,8 +154,11 @@ def _pipeline(args: argparse.Namespace) -> int:
 
 def _run(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
-    if getattr(args, "verbose", False):
+    verbose = getattr(args, "verbose", False)
+    if verbose:
         logging.getLogger().setLevel(logging.DEBUG)
+    # our own level: a quiet ray.init raises the root logger's (its logging_config applies here too)
+    logging.getLogger("ray_mmd").setLevel(logging.DEBUG if verbose else logging.INFO)
     if args.cmd == "train":
         cfg = train_config(
             args, config=args.config, stage=args.stage, run_name=args.run_name, parent=args.parent

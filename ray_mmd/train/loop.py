@@ -121,8 +121,11 @@ class _Weighted:
         return total * self.w, parts
 
 
-def _setup_logging(rank: int) -> None:
-    """Our messages with time and rank; Ray forwards worker output to the driver."""
+def _setup_logging(rank: int, verbose: bool) -> None:
+    """Our messages with time and rank; Ray forwards worker output to the driver. Quiet by default:
+    the worker's root logger (which Ray Train sets to INFO) drops Ray's per-report INFO lines
+    ("Reporting training result ...", logged under a file-path logger name outside `ray.train`)."""
+    logging.getLogger().setLevel(logging.INFO if verbose else logging.WARNING)
     lg = logging.getLogger("ray_mmd")
     lg.setLevel(logging.INFO)
     if not any(getattr(h, "_ray_mmd", False) for h in lg.handlers):
@@ -154,7 +157,7 @@ def build_run(cfg: TrainConfig) -> Run:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    _setup_logging(rank)
+    _setup_logging(rank, cfg.run.verbose)
     if cfg.optim.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
