@@ -184,6 +184,7 @@ def test_r4_storage_outage_and_torn_checkpoint(cluster, packed_dataset, tmp_path
 
         def ckpts() -> list[str]:
             fs.invalidate_cache()
+            sto.filesystem(run)[0].invalidate_cache()  # the listing below must see the newest upload
             try:
                 return [u for u in st.list_checkpoints(run) if sto.exists(sto.join(u, st.META_FILE))]
             except Exception:
@@ -202,7 +203,8 @@ def test_r4_storage_outage_and_torn_checkpoint(cluster, packed_dataset, tmp_path
         sc.fault("GCS emulator restarted", "10 s later")
         time.sleep(sc.r.uniform(3, 6))
         pid, node = sc.victim(2)
-        os.kill(pid, 9)  # the attempt dies; before the next one starts, its newest checkpoint is torn
+        os.kill(pid, 9)  # the attempt dies; before the next one starts (~10 s), its newest checkpoint is torn
+        time.sleep(2)  # uploads still in flight from the other rank land first
         newest = ckpts()[0]
         fs2, path = sto.filesystem(sto.join(newest, st.STATE_FILE))
         data = fs2.cat_file(path)
