@@ -112,7 +112,12 @@ def test_deadline_decision_is_rank_zeros():
     s = Script(at=0.0, window=1e6)
     said = []
     w1 = PreemptionWatch(
-        cadence=1, rank=1, probe=s.probe, broadcast=lambda v: said.append(v) or True, clock=s.clock
+        cadence=1,
+        mode="deadline",
+        rank=1,
+        probe=s.probe,
+        broadcast=lambda v: said.append(v) or True,
+        clock=s.clock,
     )
     assert w1.poll(1).reason == "preempt-notice"
     d = w1.poll(2)
