@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 CONFIG ?= jobs/configs/demo.yaml
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test chaos bench lint clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,9 +20,15 @@ setup: $(BIN)/.installed
 demo: setup
 	$(BIN)/python jobs/stage1.py --config $(CONFIG)
 
+# pytest's addopts leave out the long chaos scenarios (-m 'not chaos'); the short one (R7a) runs here
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# the full chaos suite on a local multi-node Ray; writes runs/chaos/report.md and report.json
+chaos: setup
+	rm -f runs/chaos/report.json runs/chaos/report.md
+	$(BIN)/python -m pytest -q -m 'chaos or not chaos' tests/chaos
 
 bench: setup
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b --quick || exit 1; done

@@ -112,6 +112,8 @@ def train_config(
     """The TrainConfig of one stage: the YAML, then the flags, then key=value overrides, validated once."""
     from ray_mmd.config import load
 
+    if args.workers is not None and args.workers.replace(" ", "") in ("0", "0,0"):
+        raise UserError("--workers 0: a run needs at least one worker; give --workers N or MIN,MAX (N >= 1)")
     ov = [f"stage={stage}"] if stage is not None else []
     flags = {
         "run.name": run_name,
@@ -147,10 +149,11 @@ def _fit(cfg: Any) -> int:
     """Connect, fit, print the summary; a failed or stopped run prints one line and returns 1."""
     from ray_mmd.train import trainer
     from ray_mmd.train.metrics import NonFiniteLossError
+    from ray_mmd.train.preemption import PreemptionBudgetExceeded
 
     try:
         out = trainer.fit(cfg)
-    except NonFiniteLossError as e:
+    except (NonFiniteLossError, PreemptionBudgetExceeded) as e:
         print(f"training stopped: {e}", file=sys.stderr)
         return 1
     except Exception as e:

@@ -24,6 +24,7 @@ OptimizerName = Literal["adamw", "adam", "sgd"]
 Schedule = Literal["onecycle", "cosine", "constant"]  # all by global step
 AmpMode = Literal["auto", "off", "bf16", "fp16"]
 UseGpu = Literal["auto", "true", "false"]
+OnPreemption = Literal["deadline", "handoff", "ignore"]  # what a preemption notice makes the run do
 
 
 @dataclass
@@ -109,8 +110,14 @@ class RunConfig:
     workers: list[int] = field(default_factory=lambda: [1, 1])
     use_gpu: UseGpu = "auto"
     cpus_per_worker: float = 1.0
-    max_failures: int = 3  # real errors; preemptions are unlimited
-    max_preemption_failures: int = -1
+    max_failures: int = 3  # real errors (-1: no limit); preemptions never use it up
+    max_preemption_failures: int = -1  # preemptions (-1: no limit)
+    # preemption notices (ray_mmd/train/preemption.py): ask Ray Train every N global steps (a barrier);
+    # on a notice: "deadline" = checkpoint now, train on, checkpoint again just before the deadline and
+    # move on; "handoff" = checkpoint now and move on; "ignore" = log and count only
+    preemption_poll_every: int = 5
+    on_preemption: OnPreemption = "handoff"  # measured: as little idle time as "deadline", one checkpoint
+    preemption_margin_s: float = 8.0
     elastic_resize_interval_s: float = 60.0
     log_every: int = 10
     nan_abort_after: int = 5
@@ -371,6 +378,10 @@ def validate(cfg: TrainConfig) -> None:
     safe_component(r.name, "run name")
     _check(bool(r.storage.strip()), "config run.storage: empty: give a dir or gs://bucket/path (--storage)")
     _check(
+        not (len(r.workers) == 2 and r.workers[0] > r.workers[1]),
+        f"config run.workers: MIN {r.workers[0]} > MAX {r.workers[-1]}; give MIN,MAX with MIN <= MAX",
+    )
+    _check(
         len(r.workers) in (1, 2)
         and (1 <= r.workers[0] <= r.workers[-1] or r.workers == [0] * len(r.workers)),
         f"config run.workers: {r.workers} is not MIN,MAX with 1 <= MIN <= MAX (or 0: in-process)",
@@ -378,6 +389,8 @@ def validate(cfg: TrainConfig) -> None:
     _check(r.cpus_per_worker > 0, f"config run.cpus_per_worker: {r.cpus_per_worker} must be > 0")
     _at_least("run.max_failures", r.max_failures, -1, " (-1 = unlimited)")
     _at_least("run.max_preemption_failures", r.max_preemption_failures, -1, " (-1 = unlimited)")
+    _at_least("run.preemption_poll_every", r.preemption_poll_every, 1, " (ask for notices every N steps)")
+    _at_least("run.preemption_margin_s", r.preemption_margin_s, 0.0)
     _check(
         r.elastic_resize_interval_s > 0,
         f"config run.elastic_resize_interval_s: {r.elastic_resize_interval_s} must be > 0 seconds",

@@ -104,6 +104,34 @@ def persist_local(src_dir: str, dst_url: str, run_url: str, num_to_keep: int) ->
         ofs.rm(opath, recursive=True)
 
 
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it registered
+
+
+def prune_orphans(run_url: str, num_to_keep: int, keep: str | None) -> list[str]:
+    """Delete checkpoint directories Ray Train never registered that lie beyond the newest `num_to_keep`;
+    never `keep` (the newest one that verifies). Ray's checkpoint manager prunes only what it registered,
+    so an attempt whose driver died leaves its later checkpoints behind. Registered ones are Ray's to
+    delete (it fails on a checkpoint that is already gone)."""
+    snap = storage.join(run_url, RAY_SNAPSHOT)
+    registered = storage.read_bytes(snap).decode(errors="replace") if storage.exists(snap) else ""
+    doomed = [
+        u
+        for u in list_checkpoints(run_url)[num_to_keep:]
+        if u != keep and os.path.basename(u.rstrip("/")) not in registered
+    ]
+    for url in doomed:
+        try:
+            fs, path = storage.filesystem(url)
+            fs.rm(path, recursive=True)
+        except FileNotFoundError:
+            pass
+    if doomed:
+        log.info(
+            "pruned %d checkpoints beyond checkpoint.num_to_keep=%d: %s", len(doomed), num_to_keep, doomed
+        )
+    return doomed
+
+
 def list_checkpoints(run_url: str) -> list[str]:
     """Checkpoint directory URLs of a run, newest (highest step, then latest token) first."""
     fs, path = storage.filesystem(run_url)
@@ -180,9 +208,20 @@ class Checkpointer:
         sd, _, url = found
         state.load_state_dict(sd, skip=("config",))
         self.last = self.good = url
+        if self.rank == 0 and not self.local:  # what an attempt whose driver died left behind
+            prune_orphans(self.run_url, self.num_to_keep, keep=url)
 
-    def save(self, state: TrainState, meta: dict[str, Any], metrics: dict[str, Any], *, clean: bool) -> None:
-        """Write and report a checkpoint; `clean`: no non-finite step since the last good one."""
+    def save(
+        self,
+        state: TrainState,
+        meta: dict[str, Any],
+        metrics: dict[str, Any],
+        *,
+        clean: bool,
+        sync: bool = False,
+    ) -> None:
+        """Write and report a checkpoint; `clean`: no non-finite step since the last good one; `sync`: the
+        report returns once it is on storage (a preemption checkpoint), else it uploads in the background."""
         import ray.train
 
         step, reason = meta["step"], meta["reason"]
@@ -204,5 +243,7 @@ class Checkpointer:
             {**metrics, "world_size": self.world},
             checkpoint=checkpoint,
             checkpoint_dir_name=name,
-            checkpoint_upload_mode=ray.train.CheckpointUploadMode.ASYNC,
+            checkpoint_upload_mode=ray.train.CheckpointUploadMode.SYNC
+            if sync
+            else ray.train.CheckpointUploadMode.ASYNC,
         )

@@ -34,6 +34,7 @@ from ray_mmd.train.eval import evaluate, write_grid
 from ray_mmd.train.faults import DebugHooks
 from ray_mmd.train.metrics import MetricsWindow, NonFiniteLossError, ProgressBar, RunLog, data_counters, plain
 from ray_mmd.train.optim import build_optimizer, build_scheduler
+from ray_mmd.train.preemption import PreemptionWatch
 from ray_mmd.train.step import AmpPolicy, train_step
 
 log = logging.getLogger("ray_mmd.train")
@@ -65,6 +66,7 @@ class Run:
     window: MetricsWindow
     runlog: RunLog | None  # rank 0 only
     hooks: DebugHooks | None  # tests only
+    preempt: PreemptionWatch
     total_steps: int
 
     def loss_for(self, n_local: int) -> Any:
@@ -76,7 +78,7 @@ class Run:
     def flush(self) -> dict[str, float]:
         return self.window.flush(self.progress, self.scheduler.get_last_lr()[0], self.ckpt.good)
 
-    def save(self, metrics: dict[str, Any], reason: str) -> None:
+    def save(self, metrics: dict[str, Any], reason: str, sync: bool = False) -> None:
         meta = {"step": self.progress.global_step, "stage": self.cfg.stage, "run": self.cfg.run.name}
         # what eval/predict/export need: the model and the normalisation it was trained with
         meta["inference"] = {
@@ -85,7 +87,9 @@ class Run:
             "image_size": self.cfg.data.image_size,
             "stats": {k: self.man.stats[k] for k in ("fg_bg", "bg") if k in self.man.stats},
         }
-        self.ckpt.save(self.state, {**meta, "reason": reason}, plain(metrics), clean=self.window.streak == 0)
+        self.ckpt.save(
+            self.state, {**meta, "reason": reason}, plain(metrics), clean=self.window.streak == 0, sync=sync
+        )
 
     def end_epoch(self) -> dict[str, float]:
         """Evaluate on the test split, sum the input counters over ranks, log both (every rank calls it)."""
@@ -231,6 +235,7 @@ def build_run(cfg: TrainConfig) -> Run:
         window=MetricsWindow(cfg.run.nan_abort_after, cfg.run.log_every, rank),
         runlog=RunLog(run_url, resume_step=progress.global_step) if rank == 0 else None,
         hooks=DebugHooks.from_config(cfg.debug, rank, world, ledger),
+        preempt=PreemptionWatch.from_config(cfg.run, rank, enabled=not local),
         total_steps=total,
     )
 
@@ -287,11 +292,19 @@ def train(r: Run) -> None:
                 if p.global_step % cfg.checkpoint.every_steps == 0 and r.stream.steps_left() > 0:
                     last.update(r.flush())
                     r.save(last, "interval")
+                if (d := r.preempt.poll(p.global_step)) and r.preempt.act(d, r, {**last, **r.flush()}):
+                    break  # checkpointed on a preemption notice: the driver goes on without this attempt
+            if r.preempt.handed_off:
+                break
             # epoch (or chunk) done: the stream's position already points at the next one
             last.update(r.flush())
             bar.update(p.global_step)
             last.update(r.end_epoch())
-            r.save(last, "final" if r.stream.done else "epoch")
+            reason = "final" if r.stream.done else "epoch"
+            if r.preempt.pending is None:
+                r.save(last, reason)
+            elif r.preempt.act(r.preempt.pending, r, last, reason=reason):
+                break
     bar.close()
     if r.runlog is not None:
         r.runlog.close()

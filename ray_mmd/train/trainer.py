@@ -201,16 +201,19 @@ def fit(cfg: TrainConfig) -> Outcome:
         stages.parent_checkpoint(cfg)  # fail now, on the driver, if stage N-1 has nothing to give
     from ray_mmd.train.loop import ABORTED
     from ray_mmd.train.metrics import NonFiniteLossError
+    from ray_mmd.train.preemption import fit_through_handoffs
 
     aborted = storage.join(stages.run_url(cfg), ABORTED)
     storage.remove(aborted)  # an earlier attempt's: a re-run resumes from the newest checkpoint
     connect_ray(cfg)  # after every check above: a user mistake never waits for a cluster
-    trainer = build_trainer(cfg)
-    result = trainer.fit()
+    # a preemption notice may end an attempt early on purpose: fit again on the nodes that stay
+    result = fit_through_handoffs(lambda: build_trainer(cfg).fit(), stages.run_url(cfg), cfg.run)
     if storage.exists(aborted):
         raise NonFiniteLossError(storage.read_bytes(aborted).decode())
     if result.checkpoint is not None and cfg.run.workers[-1] > 0:
         last = storage.join(stages.run_url(cfg), os.path.basename(result.checkpoint.path.rstrip("/")))
     else:
         last = next(iter(ck.list_checkpoints(stages.run_url(cfg))), None)
+    # what attempts whose driver died left behind and the newest checkpoints have since replaced
+    ck.prune_orphans(stages.run_url(cfg), cfg.checkpoint.num_to_keep, keep=last)
     return Outcome(stages.run_url(cfg), last, dict(result.metrics or {}))

@@ -92,3 +92,35 @@ def test_no_checkpoints_means_none(tmp_path):
     assert ck.restore_latest(str(tmp_path / "nothing")) is None
     with pytest.raises(ck.CheckpointError):
         ck.final_checkpoint(str(tmp_path / "nothing"))
+
+
+def test_prune_orphans_keeps_the_newest_k_and_the_restored_one(tmp_path):
+    """An attempt whose driver died left checkpoints Ray never registered: the next attempt sweeps them."""
+    run = tmp_path / "run"
+    urls = []
+    for step, tok in [(4, "a"), (8, "b"), (12, "c"), (16, "d"), (20, "e")]:
+        d = run / ck.checkpoint_dir_name(step, tok)
+        ck.write_checkpoint(str(d), {"x": torch.tensor([step])}, {"step": step})
+        urls.append(str(d))
+    (run / ck.checkpoint_dir_name(20, "e") / ck.STATE_FILE).write_bytes(b"torn")  # newest is torn
+    (run / "metrics.jsonl").write_text("{}\n")
+    found = ck.restore_latest(str(run))
+    assert found is not None and found[2] == urls[3]  # fell back to step 16
+    # keep 2: the torn step 20 and step 16 survive by age; 12, 8, 4 go
+    doomed = ck.prune_orphans(str(run), 2, keep=found[2])
+    assert sorted(doomed) == sorted(urls[:3])
+    assert ck.list_checkpoints(str(run)) == [urls[4], urls[3]] and (run / "metrics.jsonl").exists()
+    # the restored one is never pruned, even when newer ones fill num_to_keep
+    ck.write_checkpoint(str(run / ck.checkpoint_dir_name(24, "f")), {"x": torch.tensor([24])}, {"step": 24})
+    ck.prune_orphans(str(run), 2, keep=urls[3])
+    assert len(ck.list_checkpoints(str(run))) == 3 and urls[3] in ck.list_checkpoints(str(run))
+
+
+def test_prune_orphans_leaves_what_ray_registered_to_ray(tmp_path):
+    run = tmp_path / "run"
+    names = [ck.checkpoint_dir_name(s, "t") for s in (4, 8, 12, 16)]
+    for n in names:
+        ck.write_checkpoint(str(run / n), {"x": torch.tensor([1])}, {"step": 1})
+    (run / ck.RAY_SNAPSHOT).write_text(json.dumps({"checkpoints": [str(run / names[0])]}))
+    assert ck.prune_orphans(str(run), 1, keep=None) == [str(run / names[2]), str(run / names[1])]
+    assert ck.list_checkpoints(str(run)) == [str(run / names[3]), str(run / names[0])]
