@@ -129,7 +129,7 @@ def test_deadline_decision_is_rank_zeros():
     [
         ("run.preemption_poll_every=0", "run.preemption_poll_every: 0"),
         ("run.on_preemption=later", "run.on_preemption: 'later'"),
-        ("run.max_failures=-2", "run.max_failures: -2 is not a count"),
+        ("run.max_failures=-2", "run.max_failures: -2"),
         ("run.max_preemption_failures=-5", "run.max_preemption_failures: -5"),
         ("run.workers=3,2", "MIN 3 > MAX 2"),
     ],
