@@ -217,6 +217,7 @@ def build_run(cfg: TrainConfig) -> Run:
             depth_spec=cfg.loss.depth,
             mask_weight=cfg.loss.mask_weight,
             depth_weight=cfg.loss.depth_weight,
+            compile_ssim=cfg.loss.compile_ssim,
         ),
         progress=progress,
         state=state,
