@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     amps = (args.amp or ("fp32,bf16,fp16" if dev.type == "cuda" else "fp32")).split(",")
     steps = args.steps or (1 if args.quick else (10 if dev.type == "cuda" else 3))
     warmup = 1 if dev.type == "cpu" else 3
-    losses: dict[str, torch.nn.Module] = {"ours": MultiTaskLoss("l1+dice", "rmse+ssim")}
+    losses: dict[str, torch.nn.Module] = {"ours": MultiTaskLoss("l1+dice", "rmse+ssim", compile_ssim=True)}
     if not args.no_kornia:
         with contextlib.suppress(ImportError):
             losses["kornia_recipe"] = KorniaRecipe()

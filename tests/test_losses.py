@@ -71,7 +71,7 @@ def test_ssim_matches_pytorch_msssim_value_and_gradient(shape):
     g = torch.Generator().manual_seed(1)
     x = torch.rand(shape, generator=g, requires_grad=True)
     y = (x.detach() * 0.7 + 0.3 * torch.rand(shape, generator=g)).requires_grad_()
-    ours = ssim(x, y)
+    ours = ssim(x, y, compile=True)
     gx, gy = torch.autograd.grad(ours, [x, y])
     ref = ms_ssim(x, y, data_range=1.0)
     rx, ry = torch.autograd.grad(ref, [x, y])
@@ -181,13 +181,19 @@ def test_fused_ssim_traces_as_one_graph():
     assert torch.allclose(got[0], ssim(x, y))
 
 
-def test_compile_switch(monkeypatch):
-    from ray_mmd import losses
+def test_compile_ssim_is_an_explicit_opt_in():
+    from ray_mmd.config import load
+    from ray_mmd.errors import UserError
+    from ray_mmd.losses import MultiTaskLoss
 
-    monkeypatch.setenv("RAY_MMD_COMPILE_LOSS", "0")
-    assert not losses.compile_enabled()
-    monkeypatch.setenv("RAY_MMD_COMPILE_LOSS", "1")
-    assert losses.compile_enabled()
+    assert load(None, []).loss.compile_ssim is False  # off unless the config says so
+    assert load(None, ["loss.compile_ssim=true"]).loss.compile_ssim is True
+    with pytest.raises(UserError, match="loss.compile_ssim"):
+        load(None, ["loss.compile_ssim=true", "loss.depth=rmse"])
+    on, off = MultiTaskLoss(compile_ssim=True), MultiTaskLoss()
+    assert on.depth_loss.compile_ssim and not off.depth_loss.compile_ssim
+    out, m, d = torch.randn(2, 2, 24, 24), torch.rand(2, 1, 24, 24), torch.rand(2, 1, 24, 24)
+    assert torch.equal(on(out, m, d)[0], off(out, m, d)[0])  # the CPU never compiles: same numbers
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (runs in benchmarks/gpu_suite.sh)")
@@ -196,7 +202,7 @@ def test_cuda_compiled_ssim_matches_pytorch_msssim(shape):
     g = torch.Generator().manual_seed(6)
     x = torch.rand(shape, generator=g).cuda().requires_grad_()
     y = (0.6 * x.detach() + 0.4 * torch.rand(shape, generator=g).cuda()).requires_grad_()
-    ours = ssim(x, y)
+    ours = ssim(x, y, compile=True)
     gx, gy = torch.autograd.grad(ours, [x, y])
     # reference in float64: pytorch-msssim's fp32 conv runs on TF32 tensor cores under cuDNN's default
     x64, y64 = x.detach().double().requires_grad_(), y.detach().double().requires_grad_()

@@ -1,16 +1,21 @@
-"""The data wiring of a run: config -> chunk schedule -> StreamConfig -> the rank's DataStream, and the
-test-split batches of an evaluation. The stream itself (order, shards, decoding, resume) is ray_mmd.data."""
+"""The data wiring of a run: config -> chunk schedule -> StreamConfig -> the rank's DataStream, the feed
+that hands the step its device batches (`FedStream`), and the test-split batches of an evaluation. The
+stream itself (order, shards, decoding, resume) is ray_mmd.data."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
 
 from ray_mmd import storage
 from ray_mmd.config import TrainConfig
 from ray_mmd.data import manifest as mf
+from ray_mmd.data.device_feed import DeviceFeed
 from ray_mmd.data.order import Chunk
 from ray_mmd.data.stream import DataStream, StreamConfig, eval_batches
 from ray_mmd.data.transforms import BatchFinisher, make_finisher
@@ -67,3 +72,55 @@ def eval_wire_batches(cfg: TrainConfig, rank: int, world: int) -> Iterator[dict]
     """This rank's disjoint slice of the test split (eval.max_samples of it), as wire batches."""
     e = cfg.eval
     return eval_batches(stream_config(cfg, []), rank, world, e.batch_size, max_samples=e.max_samples)
+
+
+# The feed's read-ahead: None = DeviceFeed's default (2 batches on CUDA, a pass-through on the CPU).
+# The producer thread stays off: it was never measured on a GPU (bench_gpu_input --feed-thread would).
+# Tests set these to exercise the read-ahead on the CPU.
+FEED_DEPTH: int | None = None
+FEED_THREAD = False
+
+
+class FedStream:
+    """The stream as the step consumes it: each epoch's wire batches through a DeviceFeed (the next
+    batch's copy + finish on a side CUDA stream while the step runs), yielded as (host ids, batch).
+
+    Its `state_dict` is the checkpointed data position (TrainState's "data"): the position after the
+    last batch handed to the step, not the stream's read-ahead, so a resume is exactly-once.
+    """
+
+    def __init__(self, stream: DataStream, prepare: Callable[[dict], dict], device: torch.device) -> None:
+        self.stream, self.prepare, self.device = stream, prepare, device
+        self._feed: DeviceFeed | None = None
+        self._left = 0
+
+    def epoch(self) -> Iterator[tuple[torch.Tensor, dict[str, Any]]]:
+        """The rest of the current (chunk, epoch); the ids stay on the host (no device sync for them)."""
+        self._left = self.stream.steps_left()
+        feed = DeviceFeed(
+            self.stream.epoch_batches(),
+            lambda w: (w["sample_id"], self.prepare(w)),
+            self.device,
+            depth=FEED_DEPTH,
+            state=self.stream.state_dict,
+            thread=FEED_THREAD,
+        )
+        self._feed, it = feed, iter(feed)
+        try:
+            for ids, batch in it:
+                self._left -= 1
+                yield ids, batch
+        finally:
+            it.close()  # stops the read-ahead (and its thread) before the position is rewound
+            self.stream.load_state_dict(feed.state_dict())  # left early: the stream re-reads the rest
+            self._feed = None
+
+    def steps_left(self) -> int:
+        """Steps still to come in the current (chunk, epoch), counted from the batches handed out."""
+        return self._left if self._feed is not None else self.stream.steps_left()
+
+    def state_dict(self) -> dict:
+        return self._feed.state_dict() if self._feed is not None else self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state)

@@ -26,7 +26,6 @@ from ray_mmd import storage
 from ray_mmd.config import TrainConfig
 from ray_mmd.data import manifest as mf
 from ray_mmd.data.stream import DataStream
-from ray_mmd.data.transforms import BatchFinisher
 from ray_mmd.train import inputs, stages
 from ray_mmd.train import state as st
 from ray_mmd.train.checkpoint import Checkpointer
@@ -53,7 +52,7 @@ class Run:
     run_url: str
     man: mf.Manifest
     stream: DataStream
-    finish: BatchFinisher  # resize/flip/normalise on the device
+    feed: inputs.FedStream  # the stream's batches on the device, prepared ahead on CUDA
     model: torch.nn.Module
     ddp: torch.nn.Module
     policy: AmpPolicy
@@ -174,7 +173,7 @@ def build_run(cfg: TrainConfig) -> Run:
     run_url = stages.run_url(cfg)
     man = mf.load(cfg.data.url)
     stream = inputs.build_stream(cfg, man, rank, world, ctx.get_local_world_size())
-    finish = stream.finisher().to(device)
+    finish = stream.finisher().to(device)  # resize/flip/normalise on the device
     local = cfg.run.workers[-1] == 0  # in-process (Ray Train's local mode): no controller
     ckpt = Checkpointer(run_url, rank=rank, world=world, local=local, num_to_keep=cfg.checkpoint.num_to_keep)
     resume = ckpt.find()
@@ -185,13 +184,14 @@ def build_run(cfg: TrainConfig) -> Run:
     total = inputs.total_steps(cfg, man)
     scheduler = build_scheduler(cfg, optimizer, total)
     progress, ledger = st.Progress(stage=cfg.stage), st.IdLedger()
+    feed = inputs.FedStream(stream, lambda w: policy.prepare_batch(w, finish), device)
     state = st.TrainState(
         model=model,
         optimizer=optimizer,
         scheduler=scheduler,
         amp=policy,  # GradScaler state (fp16 GPUs)
         rng=st.RNGState(),
-        data=stream,
+        data=feed,  # the position of the last batch the step consumed, not the read-ahead's
         progress=progress,
         lineage=lineage,
         config=st.Value(cfg.to_dict()),
@@ -217,7 +217,7 @@ def build_run(cfg: TrainConfig) -> Run:
         run_url=run_url,
         man=man,
         stream=stream,
-        finish=finish,
+        feed=feed,
         model=model,
         ddp=ddp,
         policy=policy,
@@ -228,6 +228,7 @@ def build_run(cfg: TrainConfig) -> Run:
             depth_spec=cfg.loss.depth,
             mask_weight=cfg.loss.mask_weight,
             depth_weight=cfg.loss.depth_weight,
+            compile_ssim=cfg.loss.compile_ssim,
         ),
         progress=progress,
         state=state,
@@ -262,9 +263,8 @@ def train(r: Run) -> None:
     ) as prof:
         while not r.stream.done:
             r.ddp.train()
-            for wire in r.stream.epoch_batches():
-                step, ids = p.global_step, wire["sample_id"]  # ids stay on the host: no device sync
-                batch = r.policy.prepare_batch(wire, r.finish)
+            for ids, batch in r.feed.epoch():  # on CUDA the next batch's copy + finish overlap this step
+                step = p.global_step
                 if r.hooks:
                     batch = r.hooks.before_step(step, batch, ids)
                 out = train_step(
@@ -289,7 +289,7 @@ def train(r: Run) -> None:
                     if r.runlog is not None:
                         r.runlog.scalars(p.global_step, {f"train/{k}": v for k, v in m.items()})
                 # (the last step of an epoch gets the epoch-end checkpoint right below instead)
-                if p.global_step % cfg.checkpoint.every_steps == 0 and r.stream.steps_left() > 0:
+                if p.global_step % cfg.checkpoint.every_steps == 0 and r.feed.steps_left() > 0:
                     last.update(r.flush())
                     r.save(last, "interval")
                 if (d := r.preempt.poll(p.global_step)) and r.preempt.act(d, r, {**last, **r.flush()}):

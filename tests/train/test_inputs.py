@@ -29,3 +29,27 @@ def test_shard_cache_on_by_default_for_remote_data_only():
     cfg = load(None, ["data.url=gs://b/packed", "data.backend=process", "data.decode_workers=3"])
     s = inputs.stream_config(cfg, [Chunk(0, 10, 1)])
     assert (s.cache_dir, s.backend, s.workers) == (inputs.shard_cache_dir("auto", "gs://x"), "process", 3)
+
+
+def test_fed_stream_position_follows_the_step_and_an_early_exit_rewinds_the_stream(
+    packed_dataset, monkeypatch
+):
+    import torch
+
+    from ray_mmd.train.step import AmpPolicy
+
+    monkeypatch.setattr(inputs, "FEED_DEPTH", 2)  # the CUDA read-ahead, forced on the CPU
+    cfg = load(None, [f"data.url={packed_dataset}", "data.global_batch_size=16", "data.chunks=[[0,96,1]]"])
+    man = mf.load(packed_dataset)
+    stream = inputs.build_stream(cfg, man, rank=0, world=1, local_world=1)
+    policy, fin = AmpPolicy.for_device("cpu", "fp32"), stream.finisher()
+    fed = inputs.FedStream(stream, lambda w: policy.prepare_batch(w, fin), torch.device("cpu"))
+    n = stream.steps_left()
+    it = fed.epoch()
+    ids, batch = next(it)
+    assert torch.equal(ids, batch["sample_id"]) and batch["x"].dtype == torch.float32
+    assert fed.state_dict()["consumed"] == 16 and stream.state_dict()["consumed"] == 3 * 16  # 2 ahead
+    assert fed.steps_left() == n - 1
+    it.close()  # the loop left the epoch (e.g. an exception): the stream re-reads what the step did not see
+    assert stream.state_dict() == fed.state_dict() and stream.state_dict()["consumed"] == 16
+    assert sum(len(i) for i, _ in fed.epoch()) == (n - 1) * 16

@@ -11,7 +11,7 @@ import torch
 from ray_mmd.config import TrainConfig, load
 from ray_mmd.data import manifest as mf
 from ray_mmd.train import checkpoint as ck
-from ray_mmd.train import trainer
+from ray_mmd.train import inputs, trainer
 
 
 def tiny(packed: str, storage: str, name: str, *extra: str) -> TrainConfig:
@@ -102,6 +102,31 @@ def test_resume_after_crash_is_bitwise_identical(packed_dataset, tmp_path):
         for name in ("straight", "crashy")
     }
     assert logged["crashy"] == logged["straight"], logged
+
+
+def test_read_ahead_feed_checkpoints_the_consumed_position(packed_dataset, tmp_path, monkeypatch):
+    """The step's batches read 3 ahead by a producer thread (the CUDA feed's read-ahead, forced on the
+    CPU): a checkpoint mid-epoch holds the position of the last batch trained, not the stream's, so a
+    crash and resume train every sample once and end bitwise equal to a straight pass-through run."""
+    det = ("optim.deterministic=true", "debug.record_ids=true", "run.log_every=1")
+    trainer.fit(tiny(packed_dataset, str(tmp_path), "straight", *det))
+    monkeypatch.setattr(inputs, "FEED_DEPTH", 3)
+    monkeypatch.setattr(inputs, "FEED_THREAD", True)
+    marker = tmp_path / "crashed"
+    crash = (*det, "debug.fail_at_step=4", f"debug.kill_marker={marker}")
+    with pytest.raises(Exception, match="chaos"):
+        trainer.fit(tiny(packed_dataset, str(tmp_path), "ahead", *crash))
+    sd, meta = ck.load_checkpoint(ck.list_checkpoints(str(tmp_path / "ahead"))[0])
+    assert meta["step"] == 3 and meta["reason"] == "interval"  # mid-epoch: 4 steps an epoch
+    # the stream itself had read to the end of the epoch by then (3 batches ahead)
+    assert (sd["data"]["epoch"], sd["data"]["consumed"]) == (0, 3 * 16), sd["data"]
+    trainer.fit(tiny(packed_dataset, str(tmp_path), "ahead", *crash))
+    a, b = weights(str(tmp_path / "straight")), weights(str(tmp_path / "ahead"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sd, _, _ = ck.final_checkpoint(str(tmp_path / "ahead"))
+    assert sd["progress"]["restarts"] == 1 and sd["data"]["chunk_index"] == 1
+    straight, _, _ = ck.final_checkpoint(str(tmp_path / "straight"))
+    assert sd["ids"]["steps"] == straight["ids"]["steps"]  # the same samples at every step, each once
 
 
 def test_nan_streak_aborts_with_ids_and_last_checkpoint(packed_dataset, tmp_path):
