@@ -17,8 +17,6 @@ import json
 import logging
 import math
 import os
-import posixpath
-import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -31,6 +29,13 @@ import pyarrow.parquet as pq
 
 from ray_mmd import storage
 from ray_mmd.data import manifest as mf
+from ray_mmd.data.destination import (
+    QUARANTINE_NAME,
+    SHARD_DIR,
+    check_destination,
+    prepare_destination,
+    remove_stale_shards,
+)
 from ray_mmd.data.layout import Layout, SampleError, ZipReader, decode, read_sample
 from ray_mmd.data.procs import mp_context
 from ray_mmd.errors import UserError
@@ -39,8 +44,6 @@ log = logging.getLogger(__name__)
 
 # (width, height, channels) each image kind must have
 EXPECTED = {"fg_bg": (250, 250, 3), "bg": (250, 250, 3), "mask": (250, 250, 1), "depth": (320, 240, 1)}
-SHARD_DIR = "shards"
-QUARANTINE_NAME = "quarantine.json"
 ROW_GROUP = 256  # rows per parquet row group: a reader can skip inside a shard
 PACK_VERSION = 1  # bump when the shard content rules change, so old sidecars are not trusted
 
@@ -219,88 +222,6 @@ def _check_args(shard_size: int, test_fraction: float, max_bad_fraction: float) 
         raise UserError(f"--max-bad-fraction must be in [0, 1] (got {max_bad_fraction})")
 
 
-_OURS = {mf.MANIFEST_NAME, mf.BG_NAME, QUARANTINE_NAME, SHARD_DIR}  # what a pack writes at the top
-_SHARD_FILE = re.compile(r"^shard-(\d{5})\.(parquet|json)$")
-
-
-def _same_source(a: str, b: str) -> bool:
-    def norm(u: str) -> str:
-        u = u.rstrip("/")
-        return os.path.abspath(os.path.expanduser(u)) if "://" not in u else u
-
-    return norm(a) == norm(b)
-
-
-def _check_dst(src_url: str | None, dst_url: str) -> None:
-    """Refuse a destination that holds anything but an earlier (or partial) pack of this same source:
-    another dataset, another tool's manifest.json, or unrelated files (`--overwrite` skips this).
-    `src_url` None: any earlier ray-mmd pack may be replaced (make_synthetic's source is a new temp dir)."""
-    fix = "pack into a new folder, or pass --overwrite to replace it"
-    fs, root = storage.filesystem(dst_url)
-    try:
-        if not fs.exists(root):
-            return
-        if not fs.isdir(root):
-            raise UserError(
-                f"destination {dst_url!r} is a file, not a folder: choose a folder for the dataset"
-            )
-        names = {posixpath.basename(e.rstrip("/")) for e in fs.ls(root, detail=False)}
-    except OSError as e:
-        raise UserError(f"cannot read the destination {dst_url!r} ({e}): choose a readable folder") from None
-    man_url = storage.join(dst_url, mf.MANIFEST_NAME)
-    if mf.MANIFEST_NAME in names:
-        try:
-            prior = mf.Manifest.from_json(storage.read_bytes(man_url), root=dst_url)
-        except (UserError, OSError, ValueError):
-            raise UserError(f"{man_url} is not a ray-mmd manifest (another tool's file?): {fix}") from None
-        if src_url and prior.source and not _same_source(prior.source, src_url):
-            raise UserError(f"{dst_url!r} holds a different dataset (packed from {prior.source!r}): {fix}")
-        return
-    foreign = sorted(n for n in names if n not in _OURS and ".tmp-" not in n)
-    if foreign:
-        raise UserError(f"{dst_url!r} is not empty and holds no ray-mmd dataset (e.g. {foreign[0]!r}): {fix}")
-    if src_url and SHARD_DIR in names:  # a partial pack: its sidecars say which source it was
-        for e in sorted(fs.ls(posixpath.join(root, SHARD_DIR), detail=False)):
-            if e.endswith(".json") and _SHARD_FILE.match(posixpath.basename(e)):
-                try:
-                    src = json.loads(fs.cat_file(e)).get("key", {}).get("src", "")
-                except (OSError, ValueError, AttributeError):
-                    continue
-                if src and not _same_source(src, src_url):
-                    raise UserError(
-                        f"{dst_url!r} holds part of a different dataset (packed from {src!r}): {fix}"
-                    )
-                break
-
-
-def _remove_stale_shards(dst_url: str, keep: set[int]) -> None:
-    """Shards (and sidecars) of an earlier, larger pack that the new manifest no longer lists."""
-    fs, root = storage.filesystem(storage.join(dst_url, SHARD_DIR))
-    if not fs.exists(root):
-        return
-    for e in fs.ls(root, detail=False):
-        m = _SHARD_FILE.match(posixpath.basename(e.rstrip("/")))
-        if m and int(m.group(1)) not in keep:
-            fs.rm_file(e)
-
-
-def _prepare_dst(dst_url: str) -> None:
-    """The destination exists and is writable, and no older manifest vouches for it any more."""
-    if storage.split_url(dst_url)[0] == "gs":
-        bucket = storage.split_url(dst_url)[1].split("/", 1)[0]
-        if not storage.exists(f"gs://{bucket}"):
-            raise UserError(f"bucket gs://{bucket} does not exist: create it or fix the destination URL")
-    fs, root = storage.filesystem(dst_url)
-    _, man_path = storage.filesystem(storage.join(dst_url, mf.MANIFEST_NAME))
-    try:
-        fs.makedirs(root, exist_ok=True)
-        # an older manifest must not vouch for a destination that is being rewritten
-        if fs.exists(man_path):
-            fs.rm(man_path)
-    except OSError as e:
-        raise UserError(f"cannot write to {dst_url!r} ({e}): choose a writable destination") from e
-
-
 def _plan_shards(
     layout: Layout, src_url: str, dst_url: str, shard_size: int, bg_ids: dict
 ) -> tuple[dict[int, dict[str, Any]], list[dict[str, Any]]]:
@@ -440,8 +361,8 @@ def pack(
     if n == 0:
         raise UserError(f"{layout.csv_url!r} has no rows: nothing to pack")
     if not overwrite:
-        _check_dst(src_url, dst_url)
-    _prepare_dst(dst_url)
+        check_destination(src_url, dst_url)
+    prepare_destination(dst_url)
     bg_ids, bg_info, bg_hists = _pack_bgs(layout, dst_url)
     results, todo = _plan_shards(layout, src_url, dst_url, shard_size, bg_ids)
     if results:
@@ -465,7 +386,7 @@ def pack(
             f"{quarantine[0]['reason']!r}); see {q_url}, fix the source or raise --max-bad-fraction"
         )
     man = _manifest(results, quarantine, n, (bg_info, bg_hists), src_url, dst_url, split_seed, test_fraction)
-    _remove_stale_shards(dst_url, set(results))  # before the manifest: a finished pack holds only its own
+    remove_stale_shards(dst_url, set(results))  # before the manifest: a finished pack holds only its own
     man.save(dst_url)
     log.info(
         "packed %d samples (%d quarantined) into %d shards at %s",
@@ -492,7 +413,9 @@ def make_synthetic(
     if unknown:
         raise TypeError(f"make_synthetic got unknown keyword(s) {sorted(unknown)}")
     if not synth_kw.get("overwrite"):
-        _check_dst(None, dst_url)  # foreign files or another tool's manifest: refused, as by `data pack`
+        check_destination(
+            None, dst_url
+        )  # foreign files or another tool's manifest: refused, as by `data pack`
     src = tempfile.mkdtemp(prefix="ray-mmd-src-")
     try:
         synth.generate(src, samples, seed=seed, **{k: v for k, v in synth_kw.items() if k in gen_keys})
