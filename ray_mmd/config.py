@@ -45,6 +45,10 @@ class DataConfig:
     cache_bytes: int = 2 << 30
     backend: str = "auto"  # who decodes: auto (threads up to 4 workers, else processes), thread, process, ray
     decode_workers: int = 0  # per rank; 0 = the node's cores / ranks on the node
+    # where decoding runs: local (this node), decode (Ray nodes started with the custom resource
+    # {"decode": N}), other (any Ray node without a GPU but this one), auto (decode nodes if the
+    # cluster has some, else local); decode/other use the Ray decoder
+    decode_nodes: str = "auto"
     decoded_preload_bytes: int = 0
     max_bad_fraction: float = 0.01
     synthetic: SynthConfig | None = None
@@ -272,6 +276,14 @@ def validate(cfg: TrainConfig) -> None:
     _check(
         d.backend in ("auto", "thread", "process", "ray"),
         f"config data.backend: {d.backend!r} is not auto, thread, process or ray",
+    )
+    _check(
+        d.decode_nodes in ("auto", "local", "decode", "other"),
+        f"config data.decode_nodes: {d.decode_nodes!r} is not auto, local, decode or other",
+    )
+    _check(
+        d.decode_nodes not in ("decode", "other") or d.backend in ("auto", "ray"),
+        f"config data.decode_nodes: {d.decode_nodes} needs data.backend ray or auto, not {d.backend}",
     )
     _check(d.decode_workers >= 0, "config data.decode_workers: must be >= 0 (0 = cores / ranks per node)")
     for c in d.chunks or []:

@@ -124,7 +124,9 @@ class DataStream:
             self.man.root, self._shards, d.image_size, self._lib, self._shapes, cfg.cache_dir, d.cache_bytes
         )
         workers = cfg.workers or os.cpu_count() or 2
-        self.decoder = make_decoder(d.backend, src, workers, cfg.unit_samples, cfg.ray_task_cpus)
+        self.decoder = make_decoder(
+            d.backend, src, workers, cfg.unit_samples, cfg.ray_task_cpus, d.decode_nodes, world_size
+        )
         self._assembler = Assembler(
             self.man, self.tables, self.decoder, self._shapes, d.image_size, self._lib, cfg.unit_samples,
             cfg.pin_memory, self._add,
@@ -187,6 +189,7 @@ class DataStream:
         out["dropped_total"] = self._pos.dropped
         out["shards_opened"] = self.tables.opens
         out["quarantine"] = list(self._quarantine[:100])
+        out.update(self.decoder.stats())  # remote decoders: units, retries, units per node id
         if self.cache is not None:
             out.update({f"cache_{k}": v for k, v in self.cache.counters.items()})
         return out
