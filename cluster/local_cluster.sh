@@ -2,6 +2,8 @@
 # A head + two worker nodes on loopback, for trying `ray job submit` (and elasticity) by hand.
 #   cluster/local_cluster.sh start [PORT]   start head (0 CPUs: it only runs drivers) + 2 one-CPU workers
 #   cluster/local_cluster.sh stop           stop exactly the processes this script started (by PID)
+#   cluster/local_cluster.sh decode [PORT]  add a CPU-only decode node (1 CPU, resource {"decode": 1});
+#                                           data.decode_nodes auto/decode then decodes there
 # Token authentication is on; the token lives in $STATE/token (not ~/.ray), so `ray job submit` needs
 # the two variables printed at the end. `ray stop` is avoided: it would stop every Ray on the machine.
 set -euo pipefail
@@ -53,8 +55,23 @@ stop() {
   echo "stopped"
 }
 
+# ---- optional CPU-only decode node (issue 14); stopped by `stop` with the rest ----
+decode() {
+  [ -f "$STATE/pids" ] || { echo "start the cluster first: $0 start" >&2; exit 2; }
+  local i log
+  i=$(ls "$STATE/logs" | grep -c '^decode' || true)
+  log="$STATE/logs/decode$((i + 1)).log"
+  "$RAY" start --block --address="127.0.0.1:$PORT" --node-ip-address=127.0.0.1 --num-cpus=1 \
+    --resources='{"decode": 1}' --disable-usage-stats > "$log" 2>&1 &
+  echo $! >> "$STATE/pids"
+  for _ in $(seq 90); do grep -q "Ray runtime started" "$log" && break; sleep 1; done
+  echo "decode node up (1 CPU, decode: 1); log $log"
+}
+# ---- end decode node ----
+
 case "${1:-start}" in
   start) start ;;
+  decode) decode ;;
   stop) stop ;;
   *) echo "usage: $0 start [PORT] | stop" >&2; exit 2 ;;
 esac
