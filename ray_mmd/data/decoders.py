@@ -1,14 +1,15 @@
 """Who decodes: reading a unit's rows from their shards and decoding them into batch buffers, and the
-three decoders that run that work (threads in this process, worker processes, Ray Data tasks).
+three decoders that run that work (threads in this process, worker processes, Ray actors that may sit on
+other nodes).
 
 "thread": a thread pool in the Train worker; libjpeg-turbo releases the GIL, but the Python around each
 decode does not, so threads stop scaling (H200 box, 16 cores, 224: 4.9K img/s with 8 threads, 2.8K with
 16). "process": a persistent torch DataLoader whose worker processes decode whole rank batches into
-shared memory (same box: 8.6K img/s at 224, 23K at 56 with 16). "auto" picks threads for <= 4 decode
-workers, else processes. "ray": the same units as Ray Data map_batches tasks; ~0.3x the thread backend
-on the 2-core dev machine (per-task and object-store overhead), so it is opt-in. Figures:
-benchmarks/bench_decode_scaling.py, bench_input.py.
-"""
+shared memory (same box: 8.6K img/s at 224, 23K at 56 with 16). "ray": long-lived decode actors placed
+by data.decode_nodes (this node, nodes with the "decode" resource, or other CPU nodes): the one backend
+that decodes on CPUs outside the trainer's node. "auto" picks Ray when the cluster has decode nodes,
+else threads for <= 4 decode workers and processes above. Figures: benchmarks/bench_decode_scaling.py,
+bench_input.py, bench_ray_data.py."""
 
 from __future__ import annotations
 
