@@ -260,8 +260,9 @@ def _placement(nodes: str, workers: int, world_size: int, task_cpus: float) -> l
     if nodes == "decode":
         slots = sum(n["Resources"].get("decode", 0) for n in live)
         if slots > 0:
-            share = min(1.0, int(slots / world_size * 1e4) / 1e4)  # Ray counts in 1e-4 units
-            return [{"num_cpus": 0, "resources": {"decode": share}}] * max(1, int(slots // world_size))
+            # the resource only marks the nodes (a token amount): the slot count sets how many actors,
+            # so a stream not yet garbage-collected (its actors idle) never blocks the next one
+            return [{"num_cpus": 0, "resources": {"decode": 0.001}}] * max(1, int(slots // world_size))
     if nodes == "other":
         out = []
         for n in live:
@@ -367,7 +368,10 @@ class RayDecoder(Decoder):
             for _, ref, actor in pending:  # a closed pass: queued units are not waited for
                 if actor in self._actors:
                     self._busy[self._actors.index(actor)] -= 1
-                ray.cancel(ref)
+                try:
+                    ray.cancel(ref)
+                except Exception:  # already finished or its actor is gone: nothing to stop
+                    pass
 
     def stats(self) -> dict:
         return dict(self.counters, remote_nodes=dict(self.counters["remote_nodes"]))
