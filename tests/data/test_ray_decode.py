@@ -109,8 +109,10 @@ def test_decode_node_removed_mid_epoch(cluster, cfg):
 
     c, node = cluster
     here = ray.get_runtime_context().get_node_id()
-    conf = cfg(backend="ray", decode_nodes="decode", chunks=[Chunk(10, 230, 1)])
-    want = list(DataStream(cfg(backend="thread", chunks=[Chunk(10, 230, 1)])).epoch_batches())
+    # small batches: many units still undecoded when the node goes (the assembler runs ~33 ahead)
+    one = dict(chunks=[Chunk(10, 230, 1)], global_batch_size=4)
+    conf = cfg(backend="ray", decode_nodes="decode", **one)
+    want = list(DataStream(cfg(backend="thread", **one)).epoch_batches())
     s = DataStream(conf)
     g = s.epoch_batches()
     got = [next(g) for _ in range(3)]
