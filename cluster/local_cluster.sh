@@ -3,6 +3,8 @@
 #   cluster/local_cluster.sh start [PORT]   head (0 CPUs: it only runs drivers) + 2 one-CPU workers;
 #                                           returns once `ray job submit` works (or fails, stopping all)
 #   cluster/local_cluster.sh stop           stop exactly the processes this script started (by PID)
+#   cluster/local_cluster.sh decode         add a CPU-only decode node (1 CPU, resource {"decode": 1});
+#                                           data.decode_nodes auto/decode then decodes there
 #   cluster/local_cluster.sh env            print the exports a client needs (eval "$(... env)")
 # Safety: the dashboard/job API listens on 127.0.0.1 only, token auth is on, and the token lives in
 # $STATE/token (mode 0600, not ~/.ray); clients read it through RAY_AUTH_TOKEN_PATH, so the token is
@@ -119,9 +121,28 @@ stop() {
   echo "stopped"
 }
 
+# ---- optional CPU-only decode node (issue 14); stopped by `stop` with the rest ----
+decode() {
+  [ -f "$STATE/pids" ] || { echo "start the cluster first: $0 start" >&2; exit 2; }
+  local i log
+  i=$(($(wc -l < "$STATE/pids") + 1))  # node index: its own temp dir and agent ports, like the others
+  log="$STATE/logs/decode$i.log"
+  export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$STATE/token"
+  export PATH="$(dirname "$RAY"):$PATH"
+  # shellcheck disable=SC2046
+  setsid "$RAY" start --block --address="127.0.0.1:$PORT" --node-ip-address=127.0.0.1 --num-cpus=1 \
+    --resources='{"decode": 1}' --temp-dir="$(cat "$STATE/tmproot")/n$i" $(node_ports "$i") \
+    --disable-usage-stats > "$log" 2>&1 &
+  echo $! >> "$STATE/pids"
+  wait_started "$log" 90
+  echo "decode node up (1 CPU, decode: 1); log $log"
+}
+# ---- end decode node ----
+
 case "${1:-start}" in
   start) start ;;
+  decode) decode ;;
   stop) stop ;;
   env) client_env ;;
-  *) echo "usage: $0 start [PORT] | stop | env" >&2; exit 2 ;;
+  *) echo "usage: $0 start [PORT] | decode [PORT] | stop | env" >&2; exit 2 ;;
 esac

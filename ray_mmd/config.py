@@ -19,6 +19,7 @@ from ray_mmd.errors import UserError
 
 # Every choice is a Literal: `_coerce` rejects anything else with a one-line UserError naming the key.
 Backend = Literal["auto", "thread", "process", "ray"]  # who decodes (auto: threads up to 4 workers)
+DecodeNodes = Literal["auto", "local", "decode", "other"]  # where the Ray decoder runs
 ModelName = Literal["unet", "unet224", "resnet18_unet", "resnet50"]  # = ray_mmd.models.model_names()
 OptimizerName = Literal["adamw", "adam", "sgd"]
 Schedule = Literal["onecycle", "cosine", "constant"]  # all by global step
@@ -57,6 +58,10 @@ class DataConfig:
     cache_bytes: int = 2 << 30
     backend: Backend = "auto"
     decode_workers: int = 0  # per rank; 0 = the node's cores / ranks on the node
+    # where decoding runs: local (this node), decode (Ray nodes started with the custom resource
+    # {"decode": N}), other (any Ray node without a GPU but this one), auto (decode nodes if the
+    # cluster has some, else local); decode/other use the Ray decoder
+    decode_nodes: DecodeNodes = "auto"
     decoded_preload_bytes: int = 0
     max_bad_fraction: float = 0.01
     synthetic: SynthConfig | None = None
@@ -341,6 +346,10 @@ def validate(cfg: TrainConfig) -> None:
     _within("data.flip_p", d.flip_p, 0.0, 1.0)
     _at_least("data.cache_bytes", d.cache_bytes, 0)
     _at_least("data.decode_workers", d.decode_workers, 0, " (0 = cores / ranks per node)")
+    _check(
+        d.decode_nodes not in ("decode", "other") or d.backend in ("auto", "ray"),
+        f"config data.decode_nodes: {d.decode_nodes} needs data.backend ray or auto, not {d.backend}",
+    )
     _at_least("data.decoded_preload_bytes", d.decoded_preload_bytes, 0, " (0 = off)")
     _within("data.max_bad_fraction", d.max_bad_fraction, 0.0, 1.0)
     _check(

@@ -1,18 +1,20 @@
 """Who decodes: reading a unit's rows from their shards and decoding them into batch buffers, and the
-three decoders that run that work (threads in this process, worker processes, Ray Data tasks).
+three decoders that run that work (threads in this process, worker processes, Ray actors that may sit on
+other nodes).
 
 "thread": a thread pool in the Train worker; libjpeg-turbo releases the GIL, but the Python around each
 decode does not, so threads stop scaling (H200 box, 16 cores, 224: 4.9K img/s with 8 threads, 2.8K with
 16). "process": a persistent torch DataLoader whose worker processes decode whole rank batches into
-shared memory (same box: 8.6K img/s at 224, 23K at 56 with 16). "auto" picks threads for <= 4 decode
-workers, else processes. "ray": the same units as Ray Data map_batches tasks; ~0.3x the thread backend
-on the 2-core dev machine (per-task and object-store overhead), so it is opt-in. Figures:
-benchmarks/bench_decode_scaling.py, bench_input.py.
-"""
+shared memory (same box: 8.6K img/s at 224, 23K at 56 with 16). "ray": long-lived decode actors placed
+by data.decode_nodes (this node, nodes with the "decode" resource, or other CPU nodes): the one backend
+that decodes on CPUs outside the trainer's node. "auto" picks Ray when the cluster has decode nodes,
+else threads for <= 4 decode workers and processes above. Figures: benchmarks/bench_decode_scaling.py,
+bench_input.py, bench_ray_data.py."""
 
 from __future__ import annotations
 
-import pickle
+import sys
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -128,6 +130,10 @@ class Decoder:
     def decode(self, specs: list[Spec]) -> Iterator[dict]:
         raise NotImplementedError
 
+    def stats(self) -> dict:
+        """Counters the stream reports beside its own (data/*)."""
+        return {}
+
     def close(self) -> None:
         pass
 
@@ -208,67 +214,194 @@ class ProcessDecoder(Decoder):
             self._loader = None
 
 
-# Ray Data tasks reuse worker processes: the shard tables of each such process, by cache setting, so a
-# task that lands where the previous one read its shard does not read it again.
-_TASK_TABLES: dict[tuple, ShardTables] = {}
+class _DecodeActor:
+    """A long-lived Ray decode worker: keeps its shard tables (and node-local cache) across units and
+    passes; returns a unit's rows as uint8 numpy arrays, which the object store hands the consumer
+    without a copy (read-only views of the stored buffers)."""
+
+    def __init__(self, src: Source) -> None:
+        import ray
+
+        self.src, self.tables = src, src.tables()
+        self.node = ray.get_runtime_context().get_node_id()
+
+    def decode(self, ids: np.ndarray, sidx: np.ndarray) -> dict:
+        out = self.src.decode(self.tables, (ids, sidx))
+        return {
+            **{k: out[k].numpy() for k in KEYS},
+            "bg_id": out["bg_id"],
+            "reason": out["reason"],
+            "node": self.node,
+        }
 
 
-def _ray_decode_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Ray Data map_batches function: one planned unit in, its decoded rows (one per sample) out."""
-    src, spec = pickle.loads(batch["spec"][0])
-    key = (src.cache_dir, src.cache_bytes)
-    if key not in _TASK_TABLES:
-        _TASK_TABLES[key] = src.tables()
-    out = src.decode(_TASK_TABLES[key], spec)
-    return {
-        **{k: out[k].numpy() for k in KEYS},
-        "bg_id": out["bg_id"],
-        "reason": np.array(out["reason"], str),
-    }
+def resolve_decode_nodes(setting: str) -> str:
+    """data.decode_nodes, resolved: "auto" is "decode" when a live Ray node carries the "decode"
+    resource (CPU-only decode nodes were added for this), else "local"."""
+    if setting != "auto":
+        return setting
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return "local"
+    live = [n for n in ray.nodes() if n.get("Alive")]
+    return "decode" if any(n["Resources"].get("decode", 0) > 0 for n in live) else "local"
+
+
+def _placement(nodes: str, workers: int, world_size: int, task_cpus: float) -> list[dict]:
+    """Actor options, one per decode actor of this rank. decode: the "decode" resource is the slot
+    count, split evenly between ranks; other: one actor per CPU of each live CPU node that has no GPU
+    and is not this one, split between ranks (hard affinity); local (or nothing found): `workers`
+    actors preferring this node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    live = [n for n in ray.nodes() if n.get("Alive")]
+    if nodes == "decode":
+        slots = sum(n["Resources"].get("decode", 0) for n in live)
+        if slots > 0:
+            # the resource only marks the nodes (a token amount): the slot count sets how many actors,
+            # so a stream not yet garbage-collected (its actors idle) never blocks the next one
+            return [{"num_cpus": 0, "resources": {"decode": 0.001}}] * max(1, int(slots // world_size))
+    if nodes == "other":
+        out = []
+        for n in live:
+            cpus, gpus = n["Resources"].get("CPU", 0), n["Resources"].get("GPU", 0)
+            if n["NodeID"] == here or cpus < 1 or gpus > 0:
+                continue
+            # CPU-only nodes are the decoders'; 0 CPUs reserved so ranks sharing a node never block
+            aff = NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+            out += [{"num_cpus": 0, "scheduling_strategy": aff}] * max(1, int(cpus) // world_size)
+        if out:
+            return out
+    soft = NodeAffinitySchedulingStrategy(here, soft=True)  # decode where the batches are consumed
+    return [{"num_cpus": task_cpus, "scheduling_strategy": soft}] * workers
 
 
 class RayDecoder(Decoder):
-    """Units (4x unit_samples) as Ray Data map_batches tasks on this worker's node when it has room."""
+    """Units decoded by a pool of long-lived Ray actors (_DecodeActor), placed by data.decode_nodes.
+
+    Why actors and not Ray Data tasks (py-spy, 224 px, 2 cores, 400 samples x 3 epochs: 64 / 873 /
+    864 img/s): 68% of all sampled time was Python imports in freshly started Ray workers (ray.data,
+    torch, ray_mmd pulled in by unpickling each task's Source), 17% deserialising task arguments, JPEG
+    decode ~2%; every pass built a new Dataset and Ray Data's resource budget held it to one running
+    task. Actors keep their shard tables, take (ids, sidx) only, and return numpy buffers the object store
+    maps into this process. Units go to the least busy actor, at most `inflight_bytes` of decoded rows
+    (and 2 units per actor) ahead, and come back in plan order. An actor that dies (its node removed
+    or preempted) has its units re-submitted to the others; with none left the pool is placed again
+    (falling back to this node), so every unit is yielded exactly once, in order."""
 
     offloaded = True
 
-    def __init__(self, src: Source, workers: int, unit_samples: int, task_cpus: float) -> None:
+    def __init__(
+        self,
+        src: Source,
+        workers: int,
+        unit_samples: int,
+        task_cpus: float,
+        nodes: str = "local",
+        world_size: int = 1,
+        inflight_bytes: int = 256 << 20,
+    ) -> None:
         super().__init__(workers, unit_samples)
-        self.src, self.task_cpus = src, task_cpus
+        self.src, self.task_cpus, self.nodes, self.world_size = src, task_cpus, nodes, world_size
+        self.inflight_bytes = inflight_bytes
+        self._actors: list = []
+        self._busy: list[int] = []
+        self.counters: dict = {"remote_units": 0, "remote_retries": 0, "remote_nodes": {}}
 
     def unit_size(self, n_r: int) -> int:
-        return 4 * self.unit_samples
+        return min(n_r, self.unit_samples)
 
-    def decode(self, specs: list[Spec]) -> Iterator[dict]:
+    def _pool(self) -> list:
         import ray
 
-        items = []
-        for ids, sidx in specs:  # each task gets only the shards its unit touches
-            shards = {int(k): self.src.shards[int(k)] for k in np.unique(sidx)}
-            src = Source(**{**self.src.__dict__, "shards": shards})
-            items.append({"spec": pickle.dumps((src, (ids, sidx)))})
-        ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = True  # batches must come back in plan order
-        node = ray.get_runtime_context().get_node_id()
-        ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            _ray_decode_batch,
-            batch_size=1,
-            num_cpus=self.task_cpus,
-            compute=ray.data.TaskPoolStrategy(size=self.workers),
-            # decode on this worker's node, where the batches are consumed; anywhere if it is full
-            label_selector={"ray.io/node-id": node},
-            fallback_strategy=[{"label_selector": {}}],
-        )
-        return iter(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=2))
+        if not self._actors:
+            cls = ray.remote(max_restarts=0)(_DecodeActor)
+            opts = _placement(self.nodes, self.workers, self.world_size, self.task_cpus)
+            self._actors = [cls.options(**o).remote(self.src) for o in opts]
+            self._busy = [0] * len(self._actors)
+        return self._actors
+
+    def _submit(self, spec: Spec) -> tuple:
+        actors = self._pool()
+        a = min(range(len(actors)), key=self._busy.__getitem__)
+        self._busy[a] += 1
+        return spec, actors[a].decode.remote(*spec), actors[a]
+
+    def _result(self, item: tuple) -> dict:
+        import ray
+
+        spec, ref, actor = item
+        while True:
+            try:
+                out = ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError):  # node gone
+                self.counters["remote_retries"] += 1
+                if actor in self._actors:  # gone: its other units fail too and come back here
+                    i = self._actors.index(actor)
+                    del self._actors[i], self._busy[i]
+                spec, ref, actor = self._submit(spec)
+                continue
+            if actor in self._actors:
+                self._busy[self._actors.index(actor)] -= 1
+            self.counters["remote_units"] += 1
+            nodes = self.counters["remote_nodes"]
+            nodes[out["node"]] = nodes.get(out["node"], 0) + 1
+            return out
+
+    def decode(self, specs: list[Spec]) -> Iterator[dict]:
+        row = sum(h * w * (3 if k == "fg_bg" else 1) for k, (h, w) in self.src.shapes.items())
+        pending: deque[tuple] = deque()
+        i = 0
+        try:
+            while i < len(specs) or pending:
+                cap = min(
+                    2 * max(1, len(self._pool())), self.inflight_bytes // max(1, row * len(specs[0][0]))
+                )
+                while i < len(specs) and len(pending) < max(1, cap):
+                    pending.append(self._submit(specs[i]))
+                    i += 1
+                yield self._result(pending.popleft())
+        finally:
+            import ray
+
+            for _, ref, actor in pending:  # a closed pass: queued units are not waited for
+                if actor in self._actors:
+                    self._busy[self._actors.index(actor)] -= 1
+                try:
+                    ray.cancel(ref)
+                except Exception:  # already finished or its actor is gone: nothing to stop
+                    pass
+
+    def stats(self) -> dict:
+        return dict(self.counters, remote_nodes=dict(self.counters["remote_nodes"]))
+
+    def close(self) -> None:
+        import ray
+
+        for a in self._actors:
+            ray.kill(a)
+        self._actors, self._busy = [], []
 
 
-def make_decoder(backend: str, src: Source, workers: int, unit_samples: int, task_cpus: float) -> Decoder:
-    """The backend setting, resolved once. "auto": threads share the GIL for the Python around each
-    decode, so past ~4 workers they stop scaling and processes take over."""
+def make_decoder(
+    backend: str,
+    src: Source,
+    workers: int,
+    unit_samples: int,
+    task_cpus: float,
+    decode_nodes: str = "local",
+    world_size: int = 1,
+) -> Decoder:
+    """The backend and decode_nodes settings, resolved once. "auto": decode nodes in the cluster make
+    it Ray; else threads share the GIL for the Python around each decode, so past ~4 workers they stop
+    scaling and processes take over."""
+    nodes = resolve_decode_nodes(decode_nodes)
     if backend == "auto":
-        backend = "process" if workers > 4 else "thread"
+        backend = "ray" if nodes in ("decode", "other") else "process" if workers > 4 else "thread"
     if backend == "process":
         return ProcessDecoder(src, workers, unit_samples)
     if backend == "ray":
-        return RayDecoder(src, workers, unit_samples, task_cpus)
+        return RayDecoder(src, workers, unit_samples, task_cpus, nodes, world_size)
     return ThreadDecoder(workers, unit_samples)

@@ -54,12 +54,12 @@ class StreamConfig:
     chunks: list[Chunk] | None = None  # None = one chunk covering the whole dataset, data.epochs times
     split: str = "train"
     cache_dir: str | None = None  # node-local shard cache (resolved: data.cache_dir may say "auto")
-    workers: int = 0  # decode threads / processes / Ray Data concurrency; 0 = os.cpu_count()
+    workers: int = 0  # decode threads / processes / Ray actors on this node; 0 = os.cpu_count()
     preload_group: str = ""  # runs with the same group share a decoded preload (the trainer: run/stage)
     # ---- tuning (not part of the order contract except shuffle_window) ----
     shuffle_window: int = 4  # shards whose rows are mixed together (memory ~ this many shard tables)
     unit_samples: int = 64  # samples per decode task
-    ray_task_cpus: float = 0.5  # CPUs per Ray Data decode task (Train workers hold the rest)
+    ray_task_cpus: float = 0.5  # CPUs per Ray decode actor on this node (Train workers hold the rest)
     decoder: Literal["simplejpeg", "pil"] = "simplejpeg"  # simplejpeg decodes into the batch buffer
     # page-locked batch buffers. Off by default: allocating them cost more than it saved (H200 box:
     # 2.4K vs 8.5K img/s at 224), and the uint8 batches are small enough for pageable copies
@@ -132,7 +132,9 @@ class DataStream:
             self.man.root, self._shards, d.image_size, self._lib, self._shapes, cfg.cache_dir, d.cache_bytes
         )
         workers = cfg.workers or os.cpu_count() or 2
-        self.decoder = make_decoder(d.backend, src, workers, cfg.unit_samples, cfg.ray_task_cpus)
+        self.decoder = make_decoder(
+            d.backend, src, workers, cfg.unit_samples, cfg.ray_task_cpus, d.decode_nodes, world_size
+        )
         self._assembler = Assembler(
             self.man, self.tables, self.decoder, self._shapes, d.image_size, self._lib, cfg.unit_samples,
             cfg.pin_memory, self._add,
@@ -195,6 +197,7 @@ class DataStream:
         out["dropped_total"] = self._pos.dropped
         out["shards_opened"] = self.tables.opens
         out["quarantine"] = list(self._quarantine[:100])
+        out.update(self.decoder.stats())  # remote decoders: units, retries, units per node id
         if self.cache is not None:
             out.update({f"cache_{k}": v for k, v in self.cache.counters.items()})
         return out
