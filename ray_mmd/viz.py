@@ -126,6 +126,7 @@ def sweep_curves(
         d.text((left + 26, ly), name + ("  (stopped early)" if dashed else ""), fill=(0, 0, 0))
     buf = io.BytesIO()
     im.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 # ---- inference outputs (infer.py) ---------------------------------------------------------------
