@@ -337,7 +337,37 @@ def validate(cfg: TrainConfig) -> None:
         )
         if "://" not in cfg.parent and "/" not in cfg.parent and "\\" not in cfg.parent:
             safe_component(cfg.parent, "parent run name")  # a name under run.storage, not a path
-    # data
+    _check_data(d)
+    # model, loss
+    _at_least("model.width", m.width, 1)
+    _check_loss(cfg.loss)
+    # optimizer
+    _check(o.lr > 0, f"config optim.lr: {o.lr} must be > 0")
+    _at_least("optim.weight_decay", o.weight_decay, 0.0)
+    _within("optim.momentum", o.momentum, 0.0, 1.0, open_hi=True)
+    _within("optim.warmup_fraction", o.warmup_fraction, 0.0, 1.0)
+    _check(
+        o.grad_clip is None or o.grad_clip > 0,
+        f"config optim.grad_clip: {o.grad_clip} must be > 0 (a max gradient norm), or null to turn clipping off",
+    )
+    # checkpoints, eval
+    _at_least("checkpoint.every_steps", c.every_steps, 1)
+    _at_least("checkpoint.num_to_keep", c.num_to_keep, 2, " (fallback to an older one needs two)")
+    _at_least("eval.max_samples", e.max_samples, 1, " (or null: the whole test split)")
+    _at_least("eval.batch_size", e.batch_size, 1)
+    _at_least("eval.grid_rows", e.grid_rows, 1)
+    _check_run(r)
+    # debug hooks
+    _at_least("debug.kill_at_step", g.kill_at_step, 0)
+    _at_least("debug.fail_at_step", g.fail_at_step, 0)
+    _at_least("debug.kill_rank", g.kill_rank, 0)
+    _at_least("debug.step_sleep_s", g.step_sleep_s, 0.0)
+    for step in g.nan_at_steps or []:
+        _at_least("debug.nan_at_steps", step, 0)
+
+
+def _check_data(d: DataConfig) -> None:
+    """The data section: the dataset URL, sizes, decoding and cache settings, chunks, synthetic data."""
     _check(bool(d.url.strip()), "config data.url: empty: give the packed dataset's URL (--data)")
     _at_least("data.epochs", d.epochs, 1)
     _at_least("data.image_size", d.image_size, 32)
@@ -368,25 +398,12 @@ def validate(cfg: TrainConfig) -> None:
         _at_least("data.synthetic.samples", d.synthetic.samples, 1)
         _at_least("data.synthetic.shard_size", d.synthetic.shard_size, 1)
         _at_least("data.synthetic.seed", d.synthetic.seed, 0)
-    # model, loss
-    _at_least("model.width", m.width, 1)
-    _check_loss(cfg.loss)
-    # optimizer
-    _check(o.lr > 0, f"config optim.lr: {o.lr} must be > 0")
-    _at_least("optim.weight_decay", o.weight_decay, 0.0)
-    _within("optim.momentum", o.momentum, 0.0, 1.0, open_hi=True)
-    _within("optim.warmup_fraction", o.warmup_fraction, 0.0, 1.0)
-    _check(
-        o.grad_clip is None or o.grad_clip > 0,
-        f"config optim.grad_clip: {o.grad_clip} must be > 0 (a max gradient norm), or null to turn clipping off",
-    )
-    # checkpoints, eval
-    _at_least("checkpoint.every_steps", c.every_steps, 1)
-    _at_least("checkpoint.num_to_keep", c.num_to_keep, 2, " (fallback to an older one needs two)")
-    _at_least("eval.max_samples", e.max_samples, 1, " (or null: the whole test split)")
-    _at_least("eval.batch_size", e.batch_size, 1)
-    _at_least("eval.grid_rows", e.grid_rows, 1)
-    # run
+
+
+def _check_run(r: RunConfig) -> None:
+    """The run section: name, storage, workers, failure and preemption budgets, logging cadence."""
+    from ray_mmd.storage import safe_component
+
     safe_component(r.name, "run name")
     _check(bool(r.storage.strip()), "config run.storage: empty: give a dir or gs://bucket/path (--storage)")
     _check(
@@ -410,13 +427,6 @@ def validate(cfg: TrainConfig) -> None:
     _at_least("run.log_every", r.log_every, 1)
     _at_least("run.nan_abort_after", r.nan_abort_after, 1)
     _check(r.ray_address is None or bool(r.ray_address.strip()), "config run.ray_address: empty: use null")
-    # debug hooks
-    _at_least("debug.kill_at_step", g.kill_at_step, 0)
-    _at_least("debug.fail_at_step", g.fail_at_step, 0)
-    _at_least("debug.kill_rank", g.kill_rank, 0)
-    _at_least("debug.step_sleep_s", g.step_sleep_s, 0.0)
-    for step in g.nan_at_steps or []:
-        _at_least("debug.nan_at_steps", step, 0)
 
 
 def _check_loss(loss: LossConfig) -> None:
