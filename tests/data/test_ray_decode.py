@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
-from test_stream import _consume_with_restarts, _expected, plans
 
 from ray_mmd.data.decoders import RayDecoder, ThreadDecoder
 from ray_mmd.data.order import Chunk
 from ray_mmd.data.stream import DataStream
 from ray_mmd.data.transforms import KEYS
+from tests.data.test_stream import _consume_with_restarts, _expected, plans
 
 pytestmark = pytest.mark.slow
 SIZE = 32
