@@ -33,18 +33,7 @@ def _meta(ckpt: str) -> dict[str, Any] | None:
 
 
 def _evals(run: str) -> list[dict[str, Any]]:
-    url = storage.join(run, "metrics.jsonl")
-    if not storage.exists(url):
-        return []
-    out = []
-    for line in storage.read_bytes(url).decode(errors="replace").splitlines():
-        try:
-            d = json.loads(line)
-        except ValueError:
-            continue  # a line cut short by a kill
-        if d.get("kind") == "eval":
-            out.append(d)
-    return out
+    return [d for d in storage.read_jsonl(storage.join(run, "metrics.jsonl")) if d.get("kind") == "eval"]
 
 
 def _best_latest(evals: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:

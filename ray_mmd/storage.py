@@ -129,6 +129,21 @@ def read_bytes(url: str) -> bytes:
         return f.read()
 
 
+def read_jsonl(url: str) -> list[dict]:
+    """The JSON objects of a JSON-lines file ([] if it does not exist); a line cut short by a kill is skipped."""
+    if not exists(url):
+        return []
+    out = []
+    for line in read_bytes(url).decode(errors="replace").splitlines():
+        try:
+            d = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(d, dict):
+            out.append(d)
+    return out
+
+
 def write_bytes_atomic(url: str, data: bytes) -> None:
     """Write so that readers see either nothing or the whole file (temp name, then rename).
 

@@ -26,6 +26,13 @@ def test_memory_url_round_trip():
     assert storage.read_bytes("memory://t/m.json") == b"abc"
 
 
+def test_read_jsonl_skips_a_torn_last_line_and_non_objects(tmp_path):
+    url = str(tmp_path / "metrics.jsonl")
+    assert storage.read_jsonl(url) == []
+    storage.write_bytes_atomic(url, b'{"step": 1}\n[1, 2]\n{"step": 2}\n{"step": 3, "lo')
+    assert storage.read_jsonl(url) == [{"step": 1}, {"step": 2}]
+
+
 def test_unknown_scheme_is_a_user_error():
     with pytest.raises(UserError, match="unsupported storage URL"):
         storage.filesystem("s4://bucket/x")

@@ -101,11 +101,35 @@ class DeviceFeed:
             if close is not None:
                 close()
 
-    def _ahead(self, it: Iterator[Batch]) -> Iterator[Batch]:
+    def _side_stream(self) -> torch.cuda.Stream | None:
         side = torch.cuda.Stream(self.device) if self.cuda else None
         if side is not None:
             # whatever the consumer made before (the finisher's tables, the model) is ready for the side
             side.wait_stream(torch.cuda.current_stream(self.device))
+        return side
+
+    def _prepare_on(self, side: torch.cuda.Stream | None, wire: Batch) -> tuple[Batch, Any]:
+        """The device batch of `wire`, and the event that says it is ready (None without a side stream)."""
+        if side is None:
+            return self.prepare(wire), None
+        with torch.cuda.stream(side):
+            out = self.prepare(wire)
+            done = torch.cuda.Event()
+            done.record(side)
+        return out, done
+
+    def _hand_over(self, out: Batch, done: Any) -> Batch:
+        """The consumer's stream waits for the side's copy + finish, and owns the tensors from now on."""
+        if done is not None:
+            consumer = torch.cuda.current_stream(self.device)
+            consumer.wait_event(done)
+            for t in _tensors(out):
+                if t.is_cuda:
+                    t.record_stream(consumer)
+        return out
+
+    def _ahead(self, it: Iterator[Batch]) -> Iterator[Batch]:
+        side = self._side_stream()
         queue: deque[tuple[Batch, Any, dict | None]] = deque()
 
         def launch() -> bool:
@@ -114,14 +138,7 @@ class DeviceFeed:
             except StopIteration:
                 return False
             snap = self._snap()
-            if side is None:
-                queue.append((self.prepare(wire), None, snap))
-                return True
-            with torch.cuda.stream(side):
-                out = self.prepare(wire)
-                done = torch.cuda.Event()
-                done.record(side)
-            queue.append((out, done, snap))
+            queue.append((*self._prepare_on(side, wire), snap))
             return True
 
         more = True
@@ -129,12 +146,7 @@ class DeviceFeed:
             more = launch()
         while queue:
             out, done, snap = queue.popleft()
-            if done is not None:
-                consumer = torch.cuda.current_stream(self.device)
-                consumer.wait_event(done)
-                for t in _tensors(out):
-                    if t.is_cuda:
-                        t.record_stream(consumer)
+            out = self._hand_over(out, done)
             if more:  # the next batch's copy + finish go in flight before this one's step is queued
                 more = launch()
             self._state = snap
@@ -142,9 +154,7 @@ class DeviceFeed:
 
     def _threaded(self, it: Iterator[Batch]) -> Iterator[Batch]:
         """Like _ahead, with next(it) + prepare in a producer thread; a bounded queue of `depth`."""
-        side = torch.cuda.Stream(self.device) if self.cuda else None
-        if side is not None:
-            side.wait_stream(torch.cuda.current_stream(self.device))
+        side = self._side_stream()
         q: queue.Queue = queue.Queue(maxsize=self.depth)
         stop = threading.Event()
 
@@ -154,14 +164,7 @@ class DeviceFeed:
                 with ctx:
                     for wire in it:
                         snap = self._snap()
-                        done = None
-                        if side is None:
-                            out = self.prepare(wire)
-                        else:
-                            with torch.cuda.stream(side):
-                                out = self.prepare(wire)
-                                done = torch.cuda.Event()
-                                done.record(side)
+                        out, done = self._prepare_on(side, wire)
                         while not stop.is_set():
                             try:
                                 q.put(("batch", (out, done, snap)), timeout=0.1)
@@ -184,12 +187,7 @@ class DeviceFeed:
                 if kind == "error":
                     raise item
                 out, done, snap = item
-                if done is not None:
-                    consumer = torch.cuda.current_stream(self.device)
-                    consumer.wait_event(done)
-                    for t in _tensors(out):
-                        if t.is_cuda:
-                            t.record_stream(consumer)
+                out = self._hand_over(out, done)
                 self._state = snap
                 yield out
         finally:

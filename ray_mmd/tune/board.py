@@ -23,18 +23,7 @@ log = logging.getLogger("ray_mmd.tune")
 
 
 def _eval_lines(run_url: str) -> list[dict[str, Any]]:
-    url = storage.join(run_url, "metrics.jsonl")
-    if not storage.exists(url):
-        return []
-    out = []
-    for line in storage.read_bytes(url).decode().splitlines():
-        try:
-            d = json.loads(line)
-        except ValueError:
-            continue  # a line cut short by a kill
-        if d.get("kind") == "eval":
-            out.append(d)
-    return out
+    return [d for d in storage.read_jsonl(storage.join(run_url, "metrics.jsonl")) if d.get("kind") == "eval"]
 
 
 def _short(params: dict[str, Any]) -> str:

@@ -18,7 +18,6 @@ import os
 import random
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +25,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ray_mmd.train import checkpoint
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -38,31 +40,6 @@ FAST_HEALTH = {
     "RAY_health_check_period_ms": "500",
     "RAY_health_check_failure_threshold": "3",
 }
-
-
-def ckpt_module():
-    """Where the checkpoint files' functions live (ray_mmd.train.checkpoint after the train/ split)."""
-    try:
-        from ray_mmd.train import checkpoint
-    except ImportError:
-        from ray_mmd.train import state as checkpoint
-    return checkpoint
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
 def _procs() -> dict[int, tuple[int, str]]:
@@ -449,9 +426,7 @@ def analyse(
 
     from ray_mmd.data import manifest as mf
 
-    st = ckpt_module()
-
-    sd, _, _ = st.final_checkpoint(str(run_dir))
+    sd, _, _ = checkpoint.final_checkpoint(str(run_dir))
     steps = sd["ids"]["steps"]
     train_ids = set(mf.load(data).sample_ids("train", 0, mf.load(data).id_end).tolist())
     per_epoch = len(train_ids) // GBS
@@ -484,7 +459,7 @@ def analyse(
         t = tail.next_step_after(f.at)
         f.next_step_s = None if t is None else round(t - f.at, 2)
     if reference is not None and len(set(res.worlds)) == 1:
-        ref = st.final_checkpoint(str(reference))[0]["model"]
+        ref = checkpoint.final_checkpoint(str(reference))[0]["model"]
         res.bitwise = ref.keys() == sd["model"].keys() and all(
             torch.equal(ref[k], sd["model"][k]) for k in ref
         )
@@ -553,7 +528,7 @@ def reference(refs: dict, cluster: LocalCluster, data: str, epochs: int) -> Path
     if key not in refs["runs"]:
         run = store / key
         try:
-            ckpt_module().final_checkpoint(str(run))
+            checkpoint.final_checkpoint(str(run))
         except Exception:
             store.mkdir(parents=True, exist_ok=True)
             d = Driver(cluster, run_args(data, str(store), key, epochs, *extra), store / f"{key}.log")

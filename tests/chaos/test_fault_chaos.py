@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.chaos.chaos_harness import Scenario, free_port, kill_tree, reference, wait_for_port, write_report
+from tests.chaos.chaos_harness import Scenario, kill_tree, reference, write_report
+from tests.conftest import free_port, wait_for_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.chaos]
 EPOCHS = 8
@@ -121,9 +122,7 @@ def test_r4_storage_outage_and_torn_checkpoint(cluster, packed_dataset, tmp_path
     """GCS emulator (on disk, so a restart keeps the bucket) stopped as a checkpoint is due and restarted
     10 s later; then the newest checkpoint is truncated on storage and a worker killed (fallback)."""
     from ray_mmd import storage as sto
-    from tests.chaos.chaos_harness import ckpt_module
-
-    st = ckpt_module()
+    from ray_mmd.train import checkpoint as st
 
     port = free_port()
     emu_dir = tmp_path / "emu"
