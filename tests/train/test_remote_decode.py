@@ -1,0 +1,138 @@
+"""A training run (trainer.fit, Ray Train) whose input is decoded on another node, on a real multi-node
+Ray (ray.cluster_utils.Cluster, one per module): a "GPU-like" trainer node (the head: it carries the
+`trainer` resource every Train worker asks for, as a GPU run's workers ask for a GPU) and a CPU-only
+decode node (custom resource `decode`).
+
+- data.decode_nodes=auto finds the decode node: every decode unit of the run is decoded there (the
+  counters reach metrics.jsonl with the node ids), and every sample is trained exactly once;
+- two ranks split the decode slots, both decode on the decode node, the global batch is trained
+  exactly once, and the decoded preload shared through the object store serves the second epoch;
+- data.decode_nodes=other: the actors go to the CPU-only node that is not the trainer's.
+Exactly-once is read from the IdLedger in the final checkpoint (debug.record_ids).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from ray_mmd.config import load
+from ray_mmd.data import manifest as mf
+from ray_mmd.train import trainer
+from tests.conftest import tiny_overrides
+from tests.train.test_chaos import GBS, _check_exactly_once
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Head = the trainer node (2 CPUs, `trainer`: 2, no decode resource) + a decode node (1 CPU,
+    decode: 2). Returns (head node id, decode node id)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"trainer": 2}})
+    node = c.add_node(num_cpus=1, resources={"decode": 2})
+    try:
+        ray.init(address=c.address, log_to_driver=False)
+        c.wait_for_nodes()
+        yield ray.get_runtime_context().get_node_id(), node.node_id
+    finally:
+        ray.shutdown()
+        c.shutdown()
+
+
+@pytest.fixture
+def on_trainer_node(monkeypatch):
+    """Train workers ask for the trainer node's resource (build_trainer's resources_per_worker, which a
+    sweep uses for GPU fractions), so they never land on the decode node's CPU."""
+    build = trainer.build_trainer
+
+    def pinned(cfg, **kw):
+        return build(cfg, **{**kw, "resources_per_worker": {"CPU": 1, "trainer": 1}})
+
+    monkeypatch.setattr(trainer, "build_trainer", pinned)
+
+
+def _fit(packed: str, storage: Path, name: str, *extra: str):
+    cfg = load(
+        None,
+        tiny_overrides(
+            packed,
+            storage,
+            name,
+            f"data.global_batch_size={GBS}",
+            "data.chunks=[[0,96,2]]",
+            "debug.record_ids=true",
+            "run.max_failures=0",
+            *extra,
+        ),
+    )
+    out = trainer.fit(cfg)
+    assert out.metrics["reason"] == "final"
+    return out
+
+
+def _data_lines(run: Path) -> list[dict]:
+    """The per-epoch data counters (summed over ranks) from the run's metrics.jsonl."""
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [x for x in lines if x["kind"] == "data"]
+
+
+def _nodes(line: dict) -> dict[str, float]:
+    p = "data/remote_nodes/"
+    return {k[len(p) :]: v for k, v in line.items() if k.startswith(p)}
+
+
+def test_run_decodes_every_unit_on_the_decode_node(cluster, on_trainer_node, packed_dataset, tmp_path):
+    head, decode = cluster
+    out = _fit(packed_dataset, tmp_path, "auto", "run.workers=1")  # backend and decode_nodes: auto
+    _check_exactly_once(tmp_path / "auto", packed_dataset)
+    steps = len(mf.load(packed_dataset).sample_ids("train", 0, 96)) // GBS
+    lines = _data_lines(tmp_path / "auto")
+    assert len(lines) == 2
+    for epoch, line in enumerate(lines, start=1):  # counters of the attempt so far
+        # one unit per batch (16 rows < unit_samples), none retried, all decoded on the decode node
+        assert line["data/remote_units"] == epoch * steps and line["data/remote_retries"] == 0, line
+        assert _nodes(line) == {decode: epoch * steps} and decode != head
+        assert line["data/decoded"] == line["data/samples"] == epoch * steps * GBS
+    assert out.metrics["data/remote_nodes/" + decode] == 2 * steps  # the final report carries them too
+
+
+def test_two_ranks_split_the_decode_slots_and_share_the_decoded_preload(
+    cluster, on_trainer_node, packed_dataset, tmp_path
+):
+    _, decode = cluster
+    _fit(
+        packed_dataset,
+        tmp_path,
+        "two",
+        "run.workers=2",
+        "data.decode_nodes=decode",
+        "data.decoded_preload_bytes=67108864",  # 2 ranks under Ray: the object-store (shared) preload
+    )
+    _check_exactly_once(tmp_path / "two", packed_dataset)  # over the global batch of both ranks
+    steps = len(mf.load(packed_dataset).sample_ids("train", 0, 96)) // GBS
+    first, second = _data_lines(tmp_path / "two")
+    # epoch 1: each rank decodes one unit per batch (its 8-row slice), all on the decode node
+    assert first["data/remote_units"] == 2 * steps and _nodes(first) == {decode: 2 * steps}, first
+    assert first["data/decoded"] == first["data/samples"] == steps * GBS
+    # epoch 2: rows either rank decoded in epoch 1 come from the shared preload, the rest (epoch 1's
+    # dropped remainder, or rows not yet registered) are decoded, again only on the decode node
+    hits = second["data/preload_hits"]
+    assert hits > 0 and hits + second["data/decoded"] == second["data/samples"] == 2 * steps * GBS
+    assert _nodes(second) == {decode: second["data/remote_units"]}, second
+    assert second["data/remote_units"] < 4 * steps  # some epoch-2 units were not decoded at all
+
+
+def test_other_places_the_decoders_on_the_cpu_node_that_is_not_the_trainers(
+    cluster, on_trainer_node, packed_dataset, tmp_path
+):
+    head, decode = cluster
+    _fit(packed_dataset, tmp_path, "other", "run.workers=1", "data.decode_nodes=other", "data.chunks=[[0,96,1]]")
+    (line,) = _data_lines(tmp_path / "other")
+    steps = len(mf.load(packed_dataset).sample_ids("train", 0, 96)) // GBS
+    assert _nodes(line) == {decode: steps} and line["data/remote_units"] == steps, line
