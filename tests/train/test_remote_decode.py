@@ -132,7 +132,14 @@ def test_other_places_the_decoders_on_the_cpu_node_that_is_not_the_trainers(
     cluster, on_trainer_node, packed_dataset, tmp_path
 ):
     head, decode = cluster
-    _fit(packed_dataset, tmp_path, "other", "run.workers=1", "data.decode_nodes=other", "data.chunks=[[0,96,1]]")
+    _fit(
+        packed_dataset,
+        tmp_path,
+        "other",
+        "run.workers=1",
+        "data.decode_nodes=other",
+        "data.chunks=[[0,96,1]]",
+    )
     (line,) = _data_lines(tmp_path / "other")
     steps = len(mf.load(packed_dataset).sample_ids("train", 0, 96)) // GBS
     assert _nodes(line) == {decode: steps} and line["data/remote_units"] == steps, line
