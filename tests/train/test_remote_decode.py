@@ -7,13 +7,15 @@ decode node (custom resource `decode`).
   counters reach metrics.jsonl with the node ids), and every sample is trained exactly once;
 - two ranks split the decode slots, both decode on the decode node, the global batch is trained
   exactly once, and the decoded preload shared through the object store serves the second epoch;
-- data.decode_nodes=other: the actors go to the CPU-only node that is not the trainer's.
+- data.decode_nodes=other: the actors go to the CPU-only node that is not the trainer's (`make chaos`).
 Exactly-once is read from the IdLedger in the final checkpoint (debug.record_ids).
 """
 
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -30,16 +32,23 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def cluster():
     """Head = the trainer node (2 CPUs, `trainer`: 2, no decode resource) + a decode node (1 CPU,
-    decode: 2). Returns (head node id, decode node id)."""
+    decode: 2). Yields (the cluster, the head's node id, the decode node)."""
     import ray
     from ray.cluster_utils import Cluster
 
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"trainer": 2}})
+    # fast node-death detection, for the node-loss variant (Ray's own fault-tolerance tests do the same)
+    fast = {
+        "health_check_initial_delay_ms": 0,
+        "health_check_period_ms": 500,
+        "health_check_failure_threshold": 3,
+    }
+    head = {"num_cpus": 2, "resources": {"trainer": 2}, "_system_config": fast}
+    c = Cluster(initialize_head=True, head_node_args=head)
     node = c.add_node(num_cpus=1, resources={"decode": 2})
     try:
         ray.init(address=c.address, log_to_driver=False)
         c.wait_for_nodes()
-        yield ray.get_runtime_context().get_node_id(), node.node_id
+        yield c, ray.get_runtime_context().get_node_id(), node
     finally:
         ray.shutdown()
         c.shutdown()
@@ -88,7 +97,8 @@ def _nodes(line: dict) -> dict[str, float]:
 
 
 def test_run_decodes_every_unit_on_the_decode_node(cluster, on_trainer_node, packed_dataset, tmp_path):
-    head, decode = cluster
+    _, head, node = cluster
+    decode = node.node_id
     out = _fit(packed_dataset, tmp_path, "auto", "run.workers=1")  # backend and decode_nodes: auto
     _check_exactly_once(tmp_path / "auto", packed_dataset)
     steps = len(mf.load(packed_dataset).sample_ids("train", 0, 96)) // GBS
@@ -105,7 +115,7 @@ def test_run_decodes_every_unit_on_the_decode_node(cluster, on_trainer_node, pac
 def test_two_ranks_split_the_decode_slots_and_share_the_decoded_preload(
     cluster, on_trainer_node, packed_dataset, tmp_path
 ):
-    _, decode = cluster
+    decode = cluster[2].node_id
     _fit(
         packed_dataset,
         tmp_path,
@@ -128,18 +138,53 @@ def test_two_ranks_split_the_decode_slots_and_share_the_decoded_preload(
     assert second["data/remote_units"] < 4 * steps  # some epoch-2 units were not decoded at all
 
 
+@pytest.mark.chaos  # ~15 s; `make test` covers "other" at the stream level (tests/data/test_ray_decode.py)
 def test_other_places_the_decoders_on_the_cpu_node_that_is_not_the_trainers(
     cluster, on_trainer_node, packed_dataset, tmp_path
 ):
-    head, decode = cluster
-    _fit(
-        packed_dataset,
-        tmp_path,
-        "other",
-        "run.workers=1",
-        "data.decode_nodes=other",
-        "data.chunks=[[0,96,1]]",
-    )
-    (line,) = _data_lines(tmp_path / "other")
+    _, head, node = cluster
+    decode = node.node_id
+    _fit(packed_dataset, tmp_path, "other", "run.workers=1", "data.decode_nodes=other")
+    _check_exactly_once(tmp_path / "other", packed_dataset)
+    line = _data_lines(tmp_path / "other")[-1]
     steps = len(mf.load(packed_dataset).sample_ids("train", 0, 96)) // GBS
-    assert _nodes(line) == {decode: steps} and line["data/remote_units"] == steps, line
+    assert _nodes(line) == {decode: 2 * steps} and line["data/remote_units"] == 2 * steps, line
+    assert decode != head
+
+
+@pytest.mark.chaos  # ~40 s; the module's last test: it removes the decode node
+def test_decode_node_lost_mid_run_training_goes_on_exactly_once(
+    cluster, on_trainer_node, packed_dataset, tmp_path
+):
+    """The decode node is lost while epoch 1 trains (its units already decoded): epoch 2's units meet
+    dead actors, are decoded again on the trainer's node, and every sample is still trained once."""
+    import psutil
+
+    c, head, node = cluster
+    decode = node.node_id
+    box: dict = {}
+    extra = ("run.workers=1", "data.decode_nodes=decode", "debug.step_sleep_s=1.5")
+    th = threading.Thread(
+        target=lambda: box.setdefault("out", _fit(packed_dataset, tmp_path, "lost", *extra)), daemon=True
+    )
+    th.start()
+    log = tmp_path / "lost" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (log.exists() and '"train"' in log.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "out" not in box, "the run ended before the decode node could be removed"
+    raylet = node.all_processes["raylet"][0].process.pid
+    workers = psutil.Process(raylet).children(recursive=True)
+    c.remove_node(node, allow_graceful=False)
+    for p in workers:  # a lost VM takes its processes with it (see test_ray_decode's node-loss test)
+        if p.is_running():
+            p.kill()
+    th.join(240)
+    assert not th.is_alive() and "out" in box
+    _check_exactly_once(tmp_path / "lost", packed_dataset)
+    first, second = _data_lines(tmp_path / "lost")
+    steps = len(mf.load(packed_dataset).sample_ids("train", 0, 96)) // GBS
+    assert _nodes(first) == {decode: steps}, first
+    nodes = _nodes(second)
+    assert second["data/remote_retries"] >= 1 and nodes.get(head, 0) >= 1, second
+    assert sum(nodes.values()) == second["data/remote_units"] == 2 * steps
