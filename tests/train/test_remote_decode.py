@@ -5,9 +5,11 @@ decode node (custom resource `decode`).
 
 - data.decode_nodes=auto finds the decode node: every decode unit of the run is decoded there (the
   counters reach metrics.jsonl with the node ids), and every sample is trained exactly once;
-- two ranks split the decode slots, both decode on the decode node, the global batch is trained
-  exactly once, and the decoded preload shared through the object store serves the second epoch;
-- data.decode_nodes=other: the actors go to the CPU-only node that is not the trainer's (`make chaos`).
+- two ranks both decode on the decode node, the global batch is trained exactly once, and the decoded
+  preload shared through the object store serves the second epoch (that the ranks split the decode
+  slots is asserted at the stream level, tests/data/test_ray_decode.py);
+- `make chaos`: data.decode_nodes=other puts the actors on the CPU-only node that is not the
+  trainer's; the decode node lost mid-run: training falls back and goes on, exactly once.
 Exactly-once is read from the IdLedger in the final checkpoint (debug.record_ids).
 """
 
@@ -112,7 +114,7 @@ def test_run_decodes_every_unit_on_the_decode_node(cluster, on_trainer_node, pac
     assert out.metrics["data/remote_nodes/" + decode] == 2 * steps  # the final report carries them too
 
 
-def test_two_ranks_split_the_decode_slots_and_share_the_decoded_preload(
+def test_two_ranks_decode_on_the_decode_node_and_share_the_decoded_preload(
     cluster, on_trainer_node, packed_dataset, tmp_path
 ):
     decode = cluster[2].node_id
@@ -138,7 +140,7 @@ def test_two_ranks_split_the_decode_slots_and_share_the_decoded_preload(
     assert second["data/remote_units"] < 4 * steps  # some epoch-2 units were not decoded at all
 
 
-@pytest.mark.chaos  # ~15 s; `make test` covers "other" at the stream level (tests/data/test_ray_decode.py)
+@pytest.mark.chaos  # ~19 s; `make test` covers "other" at the stream level (tests/data/test_ray_decode.py)
 def test_other_places_the_decoders_on_the_cpu_node_that_is_not_the_trainers(
     cluster, on_trainer_node, packed_dataset, tmp_path
 ):
@@ -152,7 +154,7 @@ def test_other_places_the_decoders_on_the_cpu_node_that_is_not_the_trainers(
     assert decode != head
 
 
-@pytest.mark.chaos  # ~40 s; the module's last test: it removes the decode node
+@pytest.mark.chaos  # ~31 s; the module's last test: it removes the decode node
 def test_decode_node_lost_mid_run_training_goes_on_exactly_once(
     cluster, on_trainer_node, packed_dataset, tmp_path
 ):
