@@ -29,6 +29,7 @@ test: setup
 chaos: setup
 	rm -f runs/chaos/report.json runs/chaos/report.md
 	$(BIN)/python -m pytest -q -m 'chaos or not chaos' tests/chaos
+	$(BIN)/python -m pytest -q -m chaos tests --ignore=tests/chaos  # long variants kept beside their module
 
 bench: setup
 	for b in benchmarks/bench_*.py; do $(BIN)/python $$b --quick || exit 1; done

@@ -275,7 +275,9 @@ def _placement(nodes: str, workers: int, world_size: int, task_cpus: float) -> l
         if out:
             return out
     soft = NodeAffinitySchedulingStrategy(here, soft=True)  # decode where the batches are consumed
-    return [{"num_cpus": task_cpus, "scheduling_strategy": soft}] * workers
+    # a fallback (the decode/other nodes are gone) reserves no CPUs: the Train workers (and this run's
+    # other streams, e.g. the evaluation's) may hold them all, and a pending actor waits forever
+    return [{"num_cpus": task_cpus if nodes == "local" else 0, "scheduling_strategy": soft}] * workers
 
 
 class RayDecoder(Decoder):

@@ -97,8 +97,31 @@ def data_counters(stats: dict[str, Any], device: torch.device, world: int, rank:
         torch.distributed.all_reduce(t)
     out = {f"data/{k}": v for k, v in zip(keys, t.tolist(), strict=True)}
     out["data/dropped"] = float(stats["dropped_total"])  # the epoch remainders: the same on every rank
+    out.update(remote_decode_counters(stats, world))
     if rank == 0:
-        log.info("data: %s", " ".join(f"{k[5:]}={v:.0f}" for k, v in out.items()))
+        log.info("data: %s", " ".join(f"{k[5:][:24]}={v:.0f}" for k, v in out.items()))
+    return out
+
+
+def remote_decode_counters(stats: dict[str, Any], world: int) -> dict[str, float]:
+    """The Ray decoder's counters summed over ranks: data/remote_units, data/remote_retries and
+    data/remote_nodes/<node id> (units decoded on that Ray node), so a run's metrics show where its
+    input was decoded; {} when no rank decoded with Ray. Every rank gathers (a collective), even one
+    without the Ray decoder: "auto" resolves per rank, and a decode node may join between two ranks."""
+    mine = {k: stats[k] for k in ("remote_units", "remote_retries", "remote_nodes") if k in stats}
+    parts: list[Any] = [mine]
+    if world > 1:
+        parts = [None] * world
+        torch.distributed.all_gather_object(parts, mine)
+    out: dict[str, float] = {}
+    for p in parts:
+        if not p:
+            continue
+        for k in ("remote_units", "remote_retries"):
+            out[f"data/{k}"] = out.get(f"data/{k}", 0.0) + float(p.get(k, 0))
+        for node, n in p.get("remote_nodes", {}).items():
+            key = f"data/remote_nodes/{node}"
+            out[key] = out.get(key, 0.0) + float(n)
     return out
 
 

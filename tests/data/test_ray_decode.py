@@ -103,6 +103,61 @@ def test_exactly_once_ray_decoder_across_restarts_and_resizes(cluster, cfg, plan
     assert state["dropped"] == dropped
 
 
+def test_other_setting_uses_the_cpu_node_that_is_not_this_one(cluster, cfg):
+    import ray
+
+    _, node = cluster
+    want = list(DataStream(cfg(backend="thread")).epoch_batches())
+    s = DataStream(cfg(decode_nodes="other"))  # backend auto: the Ray decoder
+    assert isinstance(s.decoder, RayDecoder) and s.decoder.nodes == "other"
+    assert len(s.decoder._pool()) == 1  # one actor per CPU of the decode node (its "decode" unused)
+    _same(list(s.epoch_batches()), want)
+    st_ = s.stats()
+    s.close()
+    assert (
+        st_["remote_nodes"] == {node.node_id: len(want)}
+        and node.node_id != ray.get_runtime_context().get_node_id()
+    )
+
+
+def test_two_ranks_split_the_slots_and_share_the_decoded_preload(cluster, cfg):
+    """World size 2: each rank gets one of the 2 decode slots, both decode on the decode node, and in
+    epoch 2 a rank is served the rows either rank decoded there (the object-store preload)."""
+    _, node = cluster
+    pre = dict(decoded_preload_bytes=64 << 20)
+    ref = DataStream(cfg(backend="thread", **pre))
+    want = [b for _ in range(2) for b in ref.epoch_batches()]
+    conf = cfg(decode_nodes="decode", preload_shared=True, preload_group="t-remote-shared", **pre)
+    ranks = [DataStream(conf, r, 2) for r in range(2)]
+    assert [len(r.decoder._pool()) for r in ranks] == [1, 1]
+    got: list[list[dict]] = [[], []]
+    seen, counts = [], []
+    for _ in range(2):
+        before = [r.stats() for r in ranks]
+        parts = [list(r.epoch_batches()) for r in ranks]  # rank 0's whole epoch, then rank 1's
+        for r, p in enumerate(parts):
+            got[r] += p
+        seen.append([{int(i) for b in p for i in b["sample_id"]} for p in parts])
+        counts.append(
+            [
+                {k: r.stats()[k] - b[k] for k in ("decoded", "preload_hits")}
+                for r, b in zip(ranks, before, strict=True)
+            ]
+        )
+    stats = [r.stats() for r in ranks]
+    for r in ranks:
+        r.close()
+    _same([{k: torch.cat([a[k], b[k]]) for k in a} for a, b in zip(*got, strict=True)], want)
+    for st_ in stats:  # every unit of both ranks decoded on the decode node
+        assert st_["remote_nodes"] == {node.node_id: st_["remote_units"]} and st_["remote_units"] > 0
+    (a0, a1), (b0, b1) = seen
+    assert not a0 & a1 and counts[0][0] == {"decoded": len(a0), "preload_hits": 0}
+    # epoch 2: rank 0 is served every id either rank decoded in epoch 1, not only its own
+    assert b0 & a1 and counts[1][0]["preload_hits"] == len(b0 & (a0 | a1)) > len(b0 & a0)
+    assert counts[1][0]["decoded"] == len(b0 - (a0 | a1))
+    assert counts[1][1]["preload_hits"] == len(b1 & (a0 | a1 | b0))
+
+
 def test_decode_node_removed_mid_epoch(cluster, cfg):
     """Every unit yielded once, in order: the dead actors' units are decoded again elsewhere."""
     import ray

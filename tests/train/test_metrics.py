@@ -50,3 +50,17 @@ def test_runlog_drops_lines_past_the_resumed_step(tmp_path):
     log.close()
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [(x["kind"], x["step"]) for x in lines] == [("train", 2), ("train", 4), ("eval", 6)]
+
+
+def test_data_counters_carry_the_ray_decoders_units_per_node():
+    from ray_mmd.train.metrics import data_counters
+
+    base = {"samples": 32, "decoded": 32, "dropped_total": 6}
+    ray_stats = {**base, "remote_units": 4, "remote_retries": 1, "remote_nodes": {"n1": 3, "n2": 1}}
+    out = data_counters(ray_stats, torch.device("cpu"), world=1, rank=0)
+    assert out["data/remote_units"] == 4 and out["data/remote_retries"] == 1
+    assert {k: v for k, v in out.items() if k.startswith("data/remote_nodes/")} == {
+        "data/remote_nodes/n1": 3,
+        "data/remote_nodes/n2": 1,
+    }
+    assert not any("remote" in k for k in data_counters(base, torch.device("cpu"), 1, 0))  # threads
