@@ -114,7 +114,7 @@ def _threads() -> dict:
 # ---- child processes: one measurement each -------------------------------------------------------
 
 
-def child_plain(data: str, work: str, epochs: int, in_thread: bool = False) -> dict:
+def child_plain(data: str, work: str, epochs: int, in_thread: bool = False, pyspy_s: float = 0.0) -> dict:
     """A plain PyTorch loop over the same stream + model + optimizer + schedule + train_step; with
     `in_thread`, run on a second thread as Ray Train runs the training function (its TrainingThread)."""
     if in_thread:
@@ -146,7 +146,8 @@ def child_plain(data: str, work: str, epochs: int, in_thread: bool = False) -> d
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps(cfg, man)))
     policy = AmpPolicy.for_device("cpu", "off")
     loss = MultiTaskLoss()
-    ends, step = {}, 0
+    ends, step, spy = {}, 0, None
+    spe = _steps_per_epoch(data)
     while not stream.done:
         model.train()
         for wire in stream.epoch_batches():
@@ -157,8 +158,14 @@ def child_plain(data: str, work: str, epochs: int, in_thread: bool = False) -> d
             ends[step] = time.time()
             if step % cfg.run.log_every == 0:
                 out["loss"].item()  # read at the same interval as the Ray loop's log
+            if pyspy_s and step == spe + 2:
+                spy = _pyspy(os.getpid(), pyspy_s, work, "plain_loop")
         model.eval()  # an epoch-end pass like the loop's evaluation would go here (not timed)
-    return {"ends": ends, "threads": _threads()}
+    res = {"ends": ends, "threads": _threads()}
+    if spy is not None:
+        spy.wait()
+        res["pyspy"] = {"plain_loop": summarize_pyspy(Path(work, "pyspy_plain_loop.txt").read_text())}
+    return res
 
 
 class _MachineSampler(threading.Thread):
@@ -219,7 +226,7 @@ class _MachineSampler(threading.Thread):
         dt = b[0] - a[0]
         out: dict[str, float] = {}
         for pid, (role, cpu) in b[1].items():
-            prev = a[1][pid][1] if pid in a[1] and a[1][pid][0] == role else 0.0
+            prev = a[1][pid][1] if pid in a[1] else 0.0  # else it started inside the window
             out[role] = out.get(role, 0.0) + max(0.0, cpu - prev) / dt
         procs = sum(out.values())
         outside = sorted(((k, v) for k, v in out.items() if k.startswith("outside")), key=lambda kv: -kv[1])
@@ -269,7 +276,8 @@ def _role(p) -> str:
     ):
         if key in cmd:
             return role
-    return "other: " + cmd.split(" ")[0][-40:]
+    name = cmd.split(" ")[0]
+    return "other: " + (name.split(".")[0] if name.startswith("ray::") else name[-40:])  # title: actor.method
 
 
 _LOOP = None  # the real train_loop_per_worker (set before _probe_loop replaces it)
@@ -300,6 +308,17 @@ def _probe_loop(config: dict) -> None:
             Path(path + ".ends").write_text(json.dumps({i + 1: t for i, t in enumerate(ends)}))
 
 
+def _pyspy(pid: int, seconds: float, work: str, role: str) -> subprocess.Popen:
+    """py-spy record of `pid` for `seconds` (raw collapsed stacks per thread, idle samples included)."""
+    return subprocess.Popen(
+        [str(Path(sys.executable).with_name("py-spy")), "record", "-p", str(pid), "-d", str(int(seconds))]
+        + ["-r", "100", "--nonblocking", "--threads", "--idle", "--format", "raw"]
+        + ["-o", os.path.join(work, f"pyspy_{role}.txt")],
+        stdout=subprocess.DEVNULL,
+        stderr=open(os.path.join(work, f"pyspy_{role}.err"), "w"),
+    )
+
+
 def _pyspy_when_steady(work: str, name: str, probe: str, spe: int, seconds: float) -> threading.Thread:
     """Once the run is past epoch 1, py-spy the Train worker and the Train controller for `seconds`
     (raw collapsed stacks per thread, idle samples included, into work/pyspy_<role>.txt)."""
@@ -318,23 +337,7 @@ def _pyspy_when_steady(work: str, name: str, probe: str, spe: int, seconds: floa
             for p in psutil.Process().children(recursive=True)
             if _role(p) in ("train_worker", "train_controller")
         }
-        procs = [
-            subprocess.Popen(
-                [
-                    str(Path(sys.executable).with_name("py-spy")),
-                    "record",
-                    "-p",
-                    str(pid),
-                    "-d",
-                    str(int(seconds)),
-                ]
-                + ["-r", "100", "--nonblocking", "--threads", "--idle", "--format", "raw"]
-                + ["-o", os.path.join(work, f"pyspy_{role}.txt")],
-                stdout=subprocess.DEVNULL,
-                stderr=open(os.path.join(work, f"pyspy_{role}.err"), "w"),
-            )
-            for role, pid in targets.items()
-        ]
+        procs = [_pyspy(pid, seconds, work, role) for role, pid in targets.items()]
         for p in procs:
             p.wait()
         Path(work, "pyspy_targets.json").write_text(json.dumps(targets))
@@ -507,6 +510,12 @@ def _round(
         cpu = res.get("cpu_cores", {})
         rec[mode] = {"img_s": ips, "img_s_median_step": ips_med, "steps": n, "wall_s": res["wall_s"]}
         rec[mode]["steady_s"] = sum(v for s, v in res["step_s"].items() if _steady(s, spe))
+        # the loop asks Ray for a preemption notice after every 5th step (run.preemption_poll_every):
+        # what the steps that carry it take beyond the others (the plain side: the same steps, no poll)
+        st = {s: v for s, v in res["step_s"].items() if _steady(s, spe)}
+        poll = [v for s, v in st.items() if (s - 1) % 5 == 0]
+        rest = [v for s, v in st.items() if (s - 1) % 5 != 0]
+        rec[mode]["poll_step_extra_ms"] = 1000 * (statistics.median(poll) - statistics.median(rest))
         rec[mode]["threads"] = res["threads"]
         rec[mode]["cpu_cores"] = cpu
         rec[mode]["outside_cores"] = sum(v for k, v in cpu.items() if k.startswith("outside"))
@@ -548,6 +557,9 @@ def summarize_rounds(per_round: list[dict]) -> dict:
         roles = sorted({k for r in per_round for k in r[side].get("cpu_cores", {})})
         cpu = {k: statistics.median([r[side]["cpu_cores"].get(k, 0.0) for r in per_round]) for k in roles}
         out[f"cpu_cores_median_{side}"] = dict(sorted(cpu.items(), key=lambda kv: -kv[1]))
+        extra = [r[side]["poll_step_extra_ms"] for r in per_round if "poll_step_extra_ms" in r[side]]
+        if extra:
+            out[f"poll_step_extra_ms_{side}"] = statistics.median(extra)
     if "local_over_plain" in per_round[0]:
         out["local_over_plain"] = statistics.median([r["local_over_plain"] for r in per_round])
         out["ray_over_local"] = statistics.median([r["ray_over_local"] for r in per_round])
@@ -601,8 +613,11 @@ def profile(data: str, epochs: int, seconds: float, lock: str | None, name: str,
     with heavy_lock(lock):
         before = load_info()
         res = _run_child("ray", data, epochs, ck_every=ck_every, pyspy_s=seconds, sampler=sampler)
+        plain = _run_child("plain", data, epochs, pyspy_s=seconds, sampler=sampler)
     sampler.stop.set()
-    keys = ("pyspy", "pyspy_targets", "pyspy_err", "cpu_cores", "threads", "phases_s")
+    res["pyspy"] = {**(res.get("pyspy") or {}), **plain.get("pyspy", {})}
+    res["plain_cpu_cores"] = plain.get("cpu_cores")
+    keys = ("pyspy", "pyspy_targets", "pyspy_err", "cpu_cores", "plain_cpu_cores", "threads", "phases_s")
     out = {k: res.get(k) for k in keys}
     print(json.dumps({k: res.get(k) for k in ("pyspy_targets", "pyspy_err", "threads", "phases_s")}))
     out["load_before"] = before
@@ -645,6 +660,11 @@ def _print_p4(res: dict) -> None:
     print(f"CPU cores over each side's steady state (median of rounds)   {'ray':>8}{'plain':>8}")
     for k in sorted(set(rc) | set(pc), key=lambda k: -max(rc.get(k, 0), pc.get(k, 0))):
         print(f"   {k:<58}{rc.get(k, 0):>8.3f}{pc.get(k, 0):>8.3f}")
+    if "poll_step_extra_ms_ray" in res:
+        print(
+            f"steps carrying the preemption poll, extra ms (median): ray {res['poll_step_extra_ms_ray']:.1f}"
+            f"  plain (no poll) {res['poll_step_extra_ms_plain']:.1f}"
+        )
     print(f"threads: {json.dumps(res['threads'])}")
 
 
@@ -689,7 +709,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.child:
         if a.child.startswith("plain"):
-            res = child_plain(a.data, a.work, a.epochs, in_thread=a.child == "plain_thread")
+            res = child_plain(a.data, a.work, a.epochs, a.child == "plain_thread", a.pyspy)
         else:
             res = child_ray(a.data, a.work, a.epochs, a.ck_every, a.child == "local", a.pyspy)
         Path(a.out).write_text(json.dumps(res))
