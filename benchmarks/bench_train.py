@@ -677,6 +677,8 @@ def combine(names: list[str], name: str) -> None:
     res["steps_per_epoch"] = parts[0]["steps_per_epoch"]
     res.update(summarize_rounds([r for p in parts for r in p["p4_rounds"]]))
     res["load"] = [r["load_before"] for r in res["p4_rounds"]]
+    # P6, from the part that measured it
+    res.update({k: v for p in parts for k, v in p.items() if k.startswith("p6_")})
     _print_p4(res)
     print(f"wrote {write_result(name, res)}")
 
