@@ -147,24 +147,19 @@ def test_async_checkpoints_verify_and_leave_no_staging_dirs(ray_local, packed_da
     import tempfile
 
     from ray_mmd.config import load
+    from ray_mmd.data import manifest as mf
     from ray_mmd.train import trainer
     from tests.conftest import tiny_overrides
 
     name = f"stage{os.getpid()}"
-    cfg = load(
-        None,
-        tiny_overrides(
-            packed_dataset,
-            str(tmp_path),
-            name,
-            "run.workers=1",
-            "run.cpus_per_worker=1",
-            "data.chunks=[[0,80,2]]",
-        ),
-    )
+    over = ["run.workers=1", "run.cpus_per_worker=1", "data.chunks=[[0,80,2]]", "data.global_batch_size=16"]
+    cfg = load(None, tiny_overrides(packed_dataset, str(tmp_path), name, *over))
     out = trainer.fit(cfg)
     kept = ck.list_checkpoints(str(tmp_path / name))
-    assert len(kept) == cfg.checkpoint.num_to_keep and out.checkpoint == kept[0]
-    steps = [ck.load_checkpoint(u)[1]["step"] for u in kept]  # each one verifies (digest + torch.load)
-    assert steps == sorted(steps, reverse=True) and ck.load_checkpoint(kept[0])[1]["reason"] == "final"
+    per_epoch = len(mf.load(packed_dataset).sample_ids("train", 0, 80)) // 16
+    metas = [ck.load_checkpoint(u)[1] for u in kept]  # each one verifies (digest + torch.load)
+    # every 2 steps and at each epoch end, the newest 3 kept: the last is the final one
+    assert [m["step"] for m in metas] == [2 * per_epoch - 2 * i for i in range(3)]
+    assert out.checkpoint == kept[0]
+    assert metas[0]["reason"] == "final" and {m["reason"] for m in metas[1:]} <= {"interval", "epoch"}
     assert glob.glob(os.path.join(tempfile.gettempdir(), f"ray_mmd_ckpt_{name}_*")) == []
