@@ -566,17 +566,40 @@ def summarize_rounds(per_round: list[dict]) -> dict:
     return out
 
 
-def p4(data: str, rounds: int, epochs: int, with_local: bool, offset: int = 0, thread: bool = False) -> dict:
+_NOISE = """
+import time
+busy, period = {duty} * 0.02, 0.02
+while True:
+    t = time.perf_counter()
+    while time.perf_counter() - t < busy:
+        pass
+    time.sleep(period - busy)
+"""
+
+
+def p4(
+    data: str,
+    rounds: int,
+    epochs: int,
+    with_local: bool,
+    offset: int = 0,
+    thread: bool = False,
+    noise: float = 0.0,
+) -> dict:
     spe = _steps_per_epoch(data)
     _run_child("plain", data, 2)  # warm-up, untimed: page cache, .pyc, synthetic data on disk
     sampler = _MachineSampler()
     sampler.start()
+    # --noise: another nice-0 process busy `noise` of each 20 ms (a shared machine's other work)
+    bg = subprocess.Popen([sys.executable, "-c", _NOISE.format(duty=noise)]) if noise else None
     try:
         per_round = [
             _round(offset + i, data, epochs, spe, with_local, sampler, thread) for i in range(rounds)
         ]
     finally:
         sampler.stop.set()
+        if bg is not None:
+            bg.kill()
     return summarize_rounds(per_round)
 
 
@@ -690,6 +713,7 @@ def main() -> None:
     ap.add_argument("--local", action="store_true", help="also our loop in Ray Train local mode each round")
     ap.add_argument("--thread", action="store_true", help="also the plain loop on a second thread each round")
     ap.add_argument("--no-p6", action="store_true")
+    ap.add_argument("--noise", type=float, default=0.0, help="P4 beside a nice-0 process busy this share")
     ap.add_argument("--p6-only", action="store_true")
     ap.add_argument("--samples", type=int, default=1600, help="45 steps an epoch at the default")
     ap.add_argument("--epochs", type=int, default=6, help="epochs 1.. are the steady state (~30 s)")
@@ -728,7 +752,7 @@ def main() -> None:
             return
         res["steps_per_epoch"] = _steps_per_epoch(data)
         if not a.p6_only:
-            res.update(p4(data, a.rounds, a.epochs, a.local, a.round_offset, a.thread))
+            res.update(p4(data, a.rounds, a.epochs, a.local, a.round_offset, a.thread, a.noise))
         if not a.no_p6:
             res.update(p6(data, a.epochs, a.ck_every or 5))
     res.update({f"demo_{k.split('/')[-1]}": v for k, v in demo_quality().items()})
