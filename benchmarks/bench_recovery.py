@@ -123,6 +123,7 @@ def one_kill(data: str, tmp: str, i: int, session: str, extra: list[str]) -> dic
         "debug.kill_rank=0",
         f"debug.kill_marker={marker}",
         "run.cpus_per_worker=1",
+        "run.log_every=1",  # the first step after the kill is read from metrics.jsonl
         *extra,
     )
     trainer.resolve_paths(cfg)

@@ -59,6 +59,12 @@ LOCAL_RAY_ENV = {
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
     # Train's Prometheus metrics: nothing scrapes them on a local cluster without a dashboard
     "RAY_TRAIN_METRICS_ENABLED": "0",
+    # the raylet starts workers at nice 15 (so a shared node's system processes stay responsive): the
+    # Train worker then yields its cores to every nice-0 process that wakes (Ray's own daemons, anything
+    # else on the machine), and its two intra-op threads wait for each other at every preemption. On a
+    # cluster started for this one run the worker is the work: nice 0, like a plain PyTorch process
+    # (P4, benchmarks/bench_train.py; `ray job submit` drivers get 0 from Ray itself)
+    "RAY_worker_niceness": "0",
 }
 # core-worker metrics export to the node's agent (every process, periodically): no Prometheus locally
 LOCAL_RAY_SYSTEM_CONFIG = {"enable_metrics_collection": False}

@@ -124,3 +124,43 @@ def test_prune_orphans_leaves_what_ray_registered_to_ray(tmp_path):
     (run / ck.RAY_SNAPSHOT).write_text(json.dumps({"checkpoints": [str(run / names[0])]}))
     assert ck.prune_orphans(str(run), 1, keep=None) == [str(run / names[2]), str(run / names[1])]
     assert ck.list_checkpoints(str(run)) == [str(run / names[3]), str(run / names[0])]
+
+
+def test_snapshot_is_not_changed_by_later_steps():
+    """What the upload thread serialises is the state at the save, not what the step makes of it."""
+    a = _state(0)
+    snap = ck.snapshot(a.state_dict())
+    before = {k: v.clone() for k, v in a["model"].state_dict().items()}
+    a["model"](torch.randn(2, 6, 8, 8)).sum().backward()
+    a["optimizer"].step()  # in place: parameters and the AdamW moments
+    a["progress"].best["iou"] = 0.5
+    assert any(not torch.equal(v, a["model"].state_dict()[k]) for k, v in before.items())
+    assert all(torch.equal(v, snap["model"][k]) for k, v in before.items())
+    assert snap["progress"]["best"] == {} and snap["optimizer"]["state"][0]["step"] == 1
+
+
+@pytest.mark.slow
+def test_async_checkpoints_verify_and_leave_no_staging_dirs(ray_local, packed_dataset, tmp_path):
+    """Through a real Ray Train run (interval checkpoints uploaded in the background, the final one
+    too): every kept checkpoint verifies, and the local staging dirs are gone once uploaded."""
+    import glob
+    import tempfile
+
+    from ray_mmd.config import load
+    from ray_mmd.data import manifest as mf
+    from ray_mmd.train import trainer
+    from tests.conftest import tiny_overrides
+
+    name = f"stage{os.getpid()}"
+    over = ["run.workers=1", "run.cpus_per_worker=1", "data.chunks=[[0,80,2]]", "data.global_batch_size=16"]
+    cfg = load(None, tiny_overrides(packed_dataset, str(tmp_path), name, *over))
+    out = trainer.fit(cfg)
+    kept = ck.list_checkpoints(str(tmp_path / name))
+    per_epoch = len(mf.load(packed_dataset).sample_ids("train", 0, 80)) // 16
+    metas = [ck.load_checkpoint(u)[1] for u in kept]  # each one verifies (digest + torch.load)
+    # every 2 steps and at each epoch end, the newest 3 kept: the last is the final one
+    saved = sorted({k for k in range(1, 2 * per_epoch + 1) if k % 2 == 0 or k % per_epoch == 0})
+    assert [m["step"] for m in metas] == saved[::-1][:3]
+    assert out.checkpoint == kept[0]
+    assert metas[0]["reason"] == "final" and {m["reason"] for m in metas[1:]} <= {"interval", "epoch"}
+    assert glob.glob(os.path.join(tempfile.gettempdir(), f"ray_mmd_ckpt_{name}_*")) == []
