@@ -302,7 +302,8 @@ class _Slots:
         return path, size, _map(path, size)
 
     def give(self, slot: tuple[str, int, mmap.mmap]) -> None:
-        self.free.append(slot)
+        if slot[0] in self.paths:  # else closed meanwhile: its file is gone
+            self.free.append(slot)
 
     def retire(self, slot: tuple[str, int, mmap.mmap]) -> None:
         """A slot an actor may still write into (a unit abandoned while it ran): never lent again."""
@@ -311,11 +312,12 @@ class _Slots:
         self.retired.append(slot[0])
 
     def close(self) -> list[str]:
-        """Unlink every file; returns the paths actors may hold mapped (the pages go with the last map)."""
-        for slot in self.free:
-            self.retire(slot)
-        self.free = []
-        out, self.retired = self.retired, []
+        """Unlink every file, lent ones too (their pages stay while mapped); returns the paths actors
+        may hold mapped. Slots lent before this are dropped when given back."""
+        out = [*self.paths, *self.retired]
+        _unlink(self.paths)
+        self.paths.clear()
+        self.free, self.retired = [], []
         return out
 
 
@@ -623,7 +625,7 @@ class RayDecoder(Decoder):
     def decode(self, specs: list[Spec]) -> Iterator[dict]:
         row = _unit_bytes(1, self.src.shapes)
         pending: deque[tuple] = deque()
-        i = 0
+        i, lent = 0, None
         try:
             while i < len(specs) or pending:
                 cap = min(
@@ -632,12 +634,16 @@ class RayDecoder(Decoder):
                 while i < len(specs) and len(pending) < max(1, cap):
                     pending.append(self._submit(specs[i]))
                     i += 1
-                out, buf = self._result(pending.popleft())
+                out, lent = self._result(pending.popleft())
                 yield out
-                if buf is not None:  # the consumer asked for the next unit: it has copied this one
-                    self._slots.give(buf)
+                if lent is not None:  # the consumer asked for the next unit: it has copied this one
+                    self._slots.give(lent)
+                    lent = None
         finally:
             import ray
+
+            if lent is not None:  # the last unit (or one the pass was closed after) is copied too
+                self._slots.give(lent)
 
             for _, ref, slot, buf in pending:  # a closed pass: queued units are not waited for
                 slot.busy -= 1

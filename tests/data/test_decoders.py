@@ -1,5 +1,6 @@
 """The three decoders give the training loop the same batches: threads (the reference), worker processes
-(across a restart) and Ray Data tasks (with the decoded preload serving the second epoch)."""
+(across a restart) and Ray decode actors (with the decoded preload serving the second epoch; one pool
+shared by a process's streams, same-node units through reused /dev/shm slots)."""
 
 from __future__ import annotations
 
@@ -91,3 +92,52 @@ def test_process_backend_matches_threads_across_a_restart(base):
     for x, y in zip(got, want, strict=True):
         for k in (*KEYS, "bg_id", "flip", "sample_id"):
             assert torch.equal(x[k], y[k]), k
+
+
+def _unit_files(*decoders) -> set[str]:
+    """The /dev/shm slot files these decoders of this process hold."""
+    import os
+
+    pre = tuple(f"ray-mmd-unit-{os.getpid()}-{d.sid}-" for d in decoders)
+    return {n for n in os.listdir("/dev/shm") if n.startswith(pre)}
+
+
+def test_ray_streams_share_one_pool_started_at_build_and_closed_by_the_last(base, ray_local):
+    """Streams of one process that place decode alike share the actors, which start when the first
+    stream is built; same-node units come through reused /dev/shm slots; the last close stops them."""
+    ray = ray_local
+    ref = DataStream(base)
+    want = [b for _ in range(2) for b in ref.epoch_batches()]
+    base = dataclasses.replace(base, ray_task_cpus=0.4)  # a placement (pool) no other test uses
+    a = DataStream(base.with_data(backend="ray"))
+    assert len(a.decoder._actors) == 2  # placed at build, before any unit was asked for
+    b = DataStream(base.with_data(backend="ray", seed=4))  # eval-like: another order, same placement
+    assert b.decoder._p is a.decoder._p and b.decoder._actors == a.decoder._actors
+    actors = a.decoder._actors
+    g = a.epoch_batches()
+    got = [next(g) for _ in range(2)]
+    list(b.epoch_batches())  # the other stream interleaves on the same actors
+    g.close()  # a pass closed with units in flight: their slots are never lent again
+    got += [x for _ in range(2) for x in a.epoch_batches()]
+    assert a.done and len(got) == len(want)
+    for x, y in zip(got, want, strict=True):
+        for k in (*KEYS, "bg_id", "flip", "sample_id"):
+            assert torch.equal(x[k], y[k]), k
+    st_ = a.stats()
+    assert set(st_["remote_nodes"]) == {ray.get_runtime_context().get_node_id()}
+    assert a.decoder._slots.free and _unit_files(a.decoder)  # same-node units came through reused slots
+    # zero-copy only for memory a batch may keep: a lent slot is copied out, never becomes the batch
+    slots = {np.frombuffer(m, np.uint8).ctypes.data for _, _, m in a.decoder._slots.free}
+    assert not slots & {x["fg_bg"].data_ptr() for x in got}
+    a.close()
+    sources = ray.get(actors[0].__ray_call__.remote(lambda self: set(self.sources)))
+    assert sources == {b.decoder.sid}  # the actors forgot a's Source, still serve b
+    b.close()
+    assert not _unit_files(a.decoder, b.decoder)  # both streams' slot files are gone
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(actors[0].__ray_call__.remote(lambda self: 0), timeout=30)
+    # a new stream places a fresh pool
+    again = DataStream(base.with_data(backend="ray"))
+    assert torch.equal(next(again.epoch_batches())["fg_bg"], want[0]["fg_bg"])
+    assert again.decoder._actors != actors
+    again.close()
