@@ -136,8 +136,7 @@ class Assembler:
         """Buffer for one planned batch and its units' fill work: decoded elsewhere (`parts`, merged
         here) or submitted to the thread pool, each unit straight into its rows of the buffer."""
         whole = parts is not None and len(parts) == 1 and parts[0][1] is not None and bool(parts[0][0].all())
-        # the worker's memory is the batch, unless it is only lent until the next unit (a reused slot)
-        if whole and self.decoder.zero_copy and not self.pin_memory and not parts[0][1].get("lent"):
+        if whole and self.decoder.zero_copy and not self.pin_memory:  # the worker's memory is the batch
             buf = {key: parts[0][1][key] for key in KEYS}
         else:
             buf = alloc_wire(sum(len(u.ids) for u in units), self.shapes, pin=self.pin_memory)

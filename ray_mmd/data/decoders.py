@@ -23,7 +23,7 @@ import threading
 import warnings
 import weakref
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -268,7 +268,7 @@ def _sweep_unit_files() -> None:
             continue
 
 
-def _unlink(paths: set[str]) -> None:
+def _unlink(paths: Iterable[str]) -> None:
     for p in paths:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(p)
@@ -277,48 +277,60 @@ def _unlink(paths: set[str]) -> None:
 class _Slots:
     """This process's unit files under /dev/shm for one decoder, each mapped once and reused: a fresh
     tmpfs page costs ~1 µs to fault in and zero here (21 MB: 20 ms, about what decoding 64 samples at
-    224 costs), so a file per unit would cost more than the copies it saves. A slot is lent to one unit
-    until the consumer has copied the unit out (the next unit is asked for)."""
+    224 costs), so a file per unit would cost more than the copies it saves. A slot is the memory of
+    the tensors made from it (a whole-batch unit becomes the batch, zero_copy) and comes back here
+    when the last of them is gone (a finalizer on their one numpy base)."""
 
     def __init__(self, sid: int) -> None:
         self.prefix = os.path.join(_SHM, f"{_SHM_PREFIX}{os.getpid()}-{sid}-")
         self.free: list[tuple[str, int, mmap.mmap]] = []
         self.made = itertools.count()
         self.retired: list[str] = []  # unlinked here; actors still to be told to drop their mapping
-        self.paths: set[str] = set()  # every file made and not unlinked yet
-        weakref.finalize(self, _unlink, self.paths)  # also at exit: no file outlives this process
+        self.maps: dict[str, mmap.mmap] = {}  # every file made and not unlinked yet
+        self.mu = threading.Lock()  # slots come back from whichever thread drops a batch
+        weakref.finalize(self, _unlink, self.maps)  # also at exit: no file outlives this process
 
     def take(self, size: int) -> tuple[str, int, mmap.mmap]:
-        for i, (_, n, _) in enumerate(self.free):
-            if n >= size:
-                return self.free.pop(i)
-        path = f"{self.prefix}{next(self.made)}"
-        self.paths.add(path)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.ftruncate(fd, size)
-        finally:
-            os.close(fd)
-        return path, size, _map(path, size)
+        with self.mu:
+            for i, (_, n, _) in enumerate(self.free):
+                if n >= size:
+                    return self.free.pop(i)
+            path = f"{self.prefix}{next(self.made)}"
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.ftruncate(fd, size)
+            finally:
+                os.close(fd)
+            self.maps[path] = _map(path, size)
+            return path, size, self.maps[path]
 
     def give(self, slot: tuple[str, int, mmap.mmap]) -> None:
-        if slot[0] in self.paths:  # else closed meanwhile: its file is gone
-            self.free.append(slot)
+        with self.mu:
+            if slot[0] in self.maps:  # else closed meanwhile: its file is gone
+                self.free.append(slot)
+
+    def lend(self, slot: tuple[str, int, mmap.mmap], n: int, shapes: dict) -> dict[str, torch.Tensor]:
+        """A unit's rows as tensors over its slot; the slot is free again once they all are gone."""
+        base = np.frombuffer(slot[2], np.uint8, _unit_bytes(n, shapes))
+        weakref.finalize(base, self.give, slot)
+        return {k: torch.from_numpy(v) for k, v in _wire_views(base, n, shapes).items()}
 
     def retire(self, slot: tuple[str, int, mmap.mmap]) -> None:
         """A slot an actor may still write into (a unit abandoned while it ran): never lent again."""
-        _unlink({slot[0]})
-        self.paths.discard(slot[0])
-        self.retired.append(slot[0])
+        with self.mu:
+            _unlink({slot[0]})
+            self.maps.pop(slot[0], None)
+            self.retired.append(slot[0])
 
     def close(self) -> list[str]:
         """Unlink every file, lent ones too (their pages stay while mapped); returns the paths actors
-        may hold mapped. Slots lent before this are dropped when given back."""
-        out = [*self.paths, *self.retired]
-        _unlink(self.paths)
-        self.paths.clear()
-        self.free, self.retired = [], []
-        return out
+        may hold mapped. Slots lent before this are dropped when they come back."""
+        with self.mu:
+            out = [*self.maps, *self.retired]
+            _unlink(self.maps)
+            self.maps.clear()
+            self.free, self.retired = [], []
+            return out
 
 
 class _DecodeActor:
@@ -587,9 +599,8 @@ class RayDecoder(Decoder):
         lend = buf[:2] if buf is not None else None
         return spec, slot.actor.decode.remote(self.sid, *spec, lend, self._here), slot, buf
 
-    def _result(self, item: tuple) -> tuple[dict, tuple | None]:
-        """A unit's rows (viewing its slot when decoded into one: valid until the slot is given back)
-        and the slot."""
+    def _result(self, item: tuple) -> dict:
+        """A unit's rows (tensors over its slot when decoded into one, see _Slots)."""
         import ray
 
         spec, ref, slot, buf = item
@@ -610,22 +621,19 @@ class RayDecoder(Decoder):
             nodes = self.counters["remote_nodes"]
             nodes[out["node"]] = nodes.get(out["node"], 0) + 1
             if out["shm"]:
-                rows = {
-                    k: torch.from_numpy(v)
-                    for k, v in _wire_views(buf[2], len(spec[0]), self.src.shapes).items()
-                }
-                return {**rows, "bg_id": out["bg_id"], "reason": out["reason"], "lent": True}, buf
-            if buf is not None:
-                self._slots.give(buf)
-            with warnings.catch_warnings():  # object-store rows are read-only views: see the class doc
-                warnings.simplefilter("ignore", UserWarning)
-                rows = {k: torch.from_numpy(out[k]) for k in KEYS}
-            return {**rows, "bg_id": out["bg_id"], "reason": out["reason"]}, None
+                rows = self._slots.lend(buf, len(spec[0]), self.src.shapes)
+            else:
+                if buf is not None:
+                    self._slots.give(buf)
+                with warnings.catch_warnings():  # object-store rows are read-only views: see the class doc
+                    warnings.simplefilter("ignore", UserWarning)
+                    rows = {k: torch.from_numpy(out[k]) for k in KEYS}
+            return {**rows, "bg_id": out["bg_id"], "reason": out["reason"]}
 
     def decode(self, specs: list[Spec]) -> Iterator[dict]:
         row = _unit_bytes(1, self.src.shapes)
         pending: deque[tuple] = deque()
-        i, lent = 0, None
+        i = 0
         try:
             while i < len(specs) or pending:
                 cap = min(
@@ -634,16 +642,9 @@ class RayDecoder(Decoder):
                 while i < len(specs) and len(pending) < max(1, cap):
                     pending.append(self._submit(specs[i]))
                     i += 1
-                out, lent = self._result(pending.popleft())
-                yield out
-                if lent is not None:  # the consumer asked for the next unit: it has copied this one
-                    self._slots.give(lent)
-                    lent = None
+                yield self._result(pending.popleft())
         finally:
             import ray
-
-            if lent is not None:  # the last unit (or one the pass was closed after) is copied too
-                self._slots.give(lent)
 
             for _, ref, slot, buf in pending:  # a closed pass: queued units are not waited for
                 slot.busy -= 1
