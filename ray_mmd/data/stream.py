@@ -1,5 +1,5 @@
 """The training input stream: wires the epoch order (order.py), the shard tables (shards.py) and a decoder
-(decoders.py) into this rank's batches, and owns the resumable position.
+(decoders.py, ray_decoder.py) into this rank's batches, and owns the resumable position.
 
 Resume plans the remaining positions only: shards holding no remaining id are never opened and consumed
 rows are dropped before decode. Why per-worker streams and not `get_dataset_shard`:

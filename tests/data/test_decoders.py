@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from ray_mmd.data.decoders import ProcessDecoder, RayDecoder, ThreadDecoder
+from ray_mmd.data.decoders import ProcessDecoder, ThreadDecoder
 from ray_mmd.data.order import Chunk
+from ray_mmd.data.ray_decoder import RayDecoder
 from ray_mmd.data.stream import DataStream
 from ray_mmd.data.transforms import KEYS
 

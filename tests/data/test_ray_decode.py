@@ -10,8 +10,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 
-from ray_mmd.data.decoders import RayDecoder, ThreadDecoder
+from ray_mmd.data.decoders import ThreadDecoder
 from ray_mmd.data.order import Chunk
+from ray_mmd.data.ray_decoder import RayDecoder
 from ray_mmd.data.stream import DataStream
 from ray_mmd.data.transforms import KEYS
 from tests.data.test_stream import _consume_with_restarts, _expected, plans
