@@ -214,7 +214,7 @@ def _placement(nodes: str, workers: int, world_size: int, task_cpus: float) -> l
     """Actor options, one per decode actor of this rank. decode: the "decode" resource is the slot
     count, split evenly between ranks; other: one actor per CPU of each live CPU node that has no GPU
     and is not this one, split between ranks (hard affinity); local (or nothing found): `workers`
-    actors preferring this node."""
+    actors on this node."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -237,10 +237,11 @@ def _placement(nodes: str, workers: int, world_size: int, task_cpus: float) -> l
             out += [{"num_cpus": 0, "scheduling_strategy": aff}] * max(1, int(cpus) // world_size)
         if out:
             return out
-    soft = NodeAffinitySchedulingStrategy(here, soft=True)  # decode where the batches are consumed
-    # a fallback (the decode/other nodes are gone) reserves no CPUs: the Train workers (and this run's
-    # other streams, e.g. the evaluation's) may hold them all, and a pending actor waits forever
-    return [{"num_cpus": task_cpus if nodes == "local" else 0, "scheduling_strategy": soft}] * workers
+    # decode where the batches are consumed: hard affinity (a 0-CPU actor with a soft one may land on any
+    # node). No CPUs reserved by default (StreamConfig.ray_task_cpus): the Train workers (and a fallback's
+    # other streams, e.g. the evaluation's) may hold them all, and a pending actor would wait forever
+    this_node = NodeAffinitySchedulingStrategy(here, soft=False)
+    return [{"num_cpus": task_cpus if nodes == "local" else 0, "scheduling_strategy": this_node}] * workers
 
 
 @dataclass

@@ -59,7 +59,9 @@ class StreamConfig:
     # ---- tuning (not part of the order contract except shuffle_window) ----
     shuffle_window: int = 4  # shards whose rows are mixed together (memory ~ this many shard tables)
     unit_samples: int = 64  # samples per decode task
-    ray_task_cpus: float = 0.5  # CPUs per Ray decode actor on this node (Train workers hold the rest)
+    # CPUs a Ray decode actor on this node reserves: none, like the thread backend; the Train workers
+    # usually hold every CPU of their node, and an actor waiting for one would stall the run for good
+    ray_task_cpus: float = 0.0
     decoder: Literal["simplejpeg", "pil"] = "simplejpeg"  # simplejpeg decodes into the batch buffer
     # page-locked batch buffers. Off by default: allocating them cost more than it saved (H200 box:
     # 2.4K vs 8.5K img/s at 224), and the uint8 batches are small enough for pageable copies

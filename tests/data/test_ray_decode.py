@@ -94,6 +94,36 @@ def test_local_setting_and_thread_backend_stay_off_the_decode_node(cluster, cfg)
     s.close()
 
 
+def test_local_ray_decoders_start_on_a_node_whose_cpus_the_trainers_hold(cluster, cfg):
+    """Train workers usually hold every CPU of their node: local decode actors reserve none, so they still
+    start there (reserving some left them pending, and the run stalled for good)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+
+    @ray.remote(num_cpus=1)
+    class Trainer:
+        def ready(self) -> bool:
+            return True
+
+    holder = Trainer.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote()
+    try:
+        assert ray.get(holder.ready.remote(), timeout=60)
+        s = DataStream(cfg(backend="ray", decode_nodes="local", workers=2))
+        pool = ThreadPoolExecutor(1)  # a stalled stream fails the test instead of hanging it
+        try:
+            batches = pool.submit(lambda: list(s.epoch_batches())).result(timeout=60)
+        finally:
+            pool.shutdown(wait=False)
+        assert batches and set(s.stats()["remote_nodes"]) == {here}
+        s.close()
+    finally:
+        ray.kill(holder)
+
+
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(plan=plans)
 def test_exactly_once_ray_decoder_across_restarts_and_resizes(cluster, cfg, plan):
