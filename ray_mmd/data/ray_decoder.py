@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import logging
 import mmap
 import os
 import sys
@@ -16,7 +15,7 @@ import threading
 import warnings
 import weakref
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,133 +25,7 @@ from ray_mmd.data.cache import ShardCache
 from ray_mmd.data.decoders import Decoder, Source, Spec, decode_unit
 from ray_mmd.data.shards import ShardTables
 from ray_mmd.data.transforms import KEYS
-
-log = logging.getLogger(__name__)
-
-_SHM = "/dev/shm"  # same-node units travel through files here (tmpfs), not through the object store
-_SHM_PREFIX = "ray-mmd-unit-"
-
-
-def _unit_bytes(n: int, shapes: dict[str, tuple[int, int]]) -> int:
-    return n * sum(h * w * (3 if k == "fg_bg" else 1) for k, (h, w) in shapes.items())
-
-
-def _wire_views(buf, n: int, shapes: dict[str, tuple[int, int]]) -> dict[str, np.ndarray]:
-    """A unit's wire arrays (fg_bg n×H×W×3, mask, depth) back to back in one buffer, as numpy views."""
-    out, o = {}, 0
-    for k in KEYS:
-        shape = (n, *shapes[k], 3) if k == "fg_bg" else (n, *shapes[k])
-        out[k] = np.frombuffer(buf, np.uint8, int(np.prod(shape)), o).reshape(shape)
-        o += out[k].nbytes
-    return out
-
-
-def _map(path: str, size: int) -> mmap.mmap:
-    """A shared, writable mapping of a unit file, its pages faulted in by one call (MAP_POPULATE)."""
-    fd = os.open(path, os.O_RDWR)
-    try:
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        return mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-    finally:
-        os.close(fd)
-
-
-def _sweep_unit_files() -> None:
-    """Remove unit files left by consumers that died (their pid is in the name) before unlinking them."""
-    try:
-        names = os.listdir(_SHM)
-    except OSError:
-        return
-    for name in names:
-        if not name.startswith(_SHM_PREFIX):
-            continue
-        try:
-            os.kill(int(name[len(_SHM_PREFIX) :].split("-")[0]), 0)
-        except ProcessLookupError:
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(_SHM, name))
-        except (ValueError, PermissionError):  # not ours to judge
-            continue
-
-
-def _unlink(paths: Iterable[str]) -> None:
-    for p in paths:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(p)
-
-
-class _Slots:
-    """This process's unit files under /dev/shm for one decoder, each mapped once and reused: a fresh
-    tmpfs page costs ~1 µs to fault in and zero here (21 MB: 20 ms, about what decoding 64 samples at
-    224 costs), so a file per unit would cost more than the copies it saves. A slot is the memory of
-    the tensors made from it (a whole-batch unit becomes the batch, zero_copy) and comes back here
-    when the last of them is gone (a finalizer on their one numpy base)."""
-
-    def __init__(self, sid: int) -> None:
-        self.prefix = os.path.join(_SHM, f"{_SHM_PREFIX}{os.getpid()}-{sid}-")
-        self.free: list[tuple[str, int, mmap.mmap]] = []
-        self.made = itertools.count()
-        self.retired: list[str] = []  # unlinked here; actors still to be told to drop their mapping
-        self.maps: dict[str, mmap.mmap] = {}  # every file made and not unlinked yet
-        self.mu = threading.Lock()  # slots come back from whichever thread drops a batch
-        self.full = False  # /dev/shm refused a slot once (warned)
-        weakref.finalize(self, _unlink, self.maps)  # also at exit: no file outlives this process
-
-    def take(self, size: int) -> tuple[str, int, mmap.mmap] | None:
-        """A free slot of at least `size` bytes, or None when /dev/shm has no room for a new one (a
-        container's 64 MB default): that unit then comes through the object store."""
-        with self.mu:
-            for i, (_, n, _) in enumerate(self.free):
-                if n >= size:
-                    return self.free.pop(i)
-            path = f"{self.prefix}{next(self.made)}"
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                # reserve the pages now: a full tmpfs fails here, not with SIGBUS in an actor's write
-                os.posix_fallocate(fd, 0, size)
-            except OSError as e:
-                _unlink([path])
-                if not self.full:
-                    log.warning(
-                        "/dev/shm has no room for a %d-byte decode slot (%s): units come through "
-                        "Ray's object store instead (slower); give /dev/shm more space",
-                        size,
-                        e,
-                    )
-                self.full = True
-                return None
-            finally:
-                os.close(fd)
-            self.maps[path] = _map(path, size)
-            return path, size, self.maps[path]
-
-    def give(self, slot: tuple[str, int, mmap.mmap]) -> None:
-        with self.mu:
-            if slot[0] in self.maps:  # else closed meanwhile: its file is gone
-                self.free.append(slot)
-
-    def lend(self, slot: tuple[str, int, mmap.mmap], n: int, shapes: dict) -> dict[str, torch.Tensor]:
-        """A unit's rows as tensors over its slot; the slot is free again once they all are gone."""
-        base = np.frombuffer(slot[2], np.uint8, _unit_bytes(n, shapes))
-        weakref.finalize(base, self.give, slot)
-        return {k: torch.from_numpy(v) for k, v in _wire_views(base, n, shapes).items()}
-
-    def retire(self, slot: tuple[str, int, mmap.mmap]) -> None:
-        """A slot an actor may still write into (a unit abandoned while it ran): never lent again."""
-        with self.mu:
-            _unlink({slot[0]})
-            self.maps.pop(slot[0], None)
-            self.retired.append(slot[0])
-
-    def close(self) -> list[str]:
-        """Unlink every file, lent ones too (their pages stay while mapped); returns the paths actors
-        may hold mapped. Slots lent before this are dropped when they come back."""
-        with self.mu:
-            out = [*self.maps, *self.retired]
-            _unlink(self.maps)
-            self.maps.clear()
-            self.free, self.retired = [], []
-            return out
+from ray_mmd.data.unit_slots import SHM, UnitSlots, map_slot, sweep_unit_files, unit_bytes, wire_views
 
 
 class _DecodeActor:
@@ -193,11 +66,11 @@ class _DecodeActor:
             mm = self.maps.get(path)
             if mm is None:
                 try:
-                    mm = self.maps[path] = _map(path, size)
+                    mm = self.maps[path] = map_slot(path, size)
                 except FileNotFoundError:  # the consumer closed the pass meanwhile: nobody waits
                     mm = None
             if mm is not None:
-                into = _wire_views(mm, len(ids), src.shapes)
+                into = wire_views(mm, len(ids), src.shapes)
                 meta = decode_unit(self.tables, src.root, src.shards, ids, sidx, src.size, src.lib, into)
                 return {**meta, "node": self.node, "shm": True}
         out = src.decode(self.tables, (ids, sidx))
@@ -361,7 +234,7 @@ class RayDecoder(Decoder):
         self._p: _Pool | None = None
         self._release: weakref.finalize | None = None
         self._here: str | None = None
-        self._slots: _Slots | None = _Slots(self.sid) if os.path.isdir(_SHM) else None
+        self._slots: UnitSlots | None = UnitSlots(self.sid) if os.path.isdir(SHM) else None
         self.counters: dict = {"remote_units": 0, "remote_retries": 0, "remote_nodes": {}}
         ray = sys.modules.get("ray")
         if ray is not None and ray.is_initialized():  # start the actors now: they warm up meanwhile
@@ -385,7 +258,7 @@ class RayDecoder(Decoder):
                 if pool is None:
                     pool = _POOLS[key] = _Pool(key, self.nodes, self.workers, self.world_size, self.task_cpus)
                     if self._slots is not None:
-                        _sweep_unit_files()
+                        sweep_unit_files()
                 pool.users += 1
             self._p = pool
             self._release = weakref.finalize(self, _release, pool)
@@ -408,12 +281,12 @@ class RayDecoder(Decoder):
         slot.busy += 1
         buf = None
         if self._slots is not None and slot.node in (None, self._here):  # (None: not known yet)
-            buf = self._slots.take(_unit_bytes(len(spec[0]), self.src.shapes))
+            buf = self._slots.take(unit_bytes(len(spec[0]), self.src.shapes))
         lend = buf[:2] if buf is not None else None
         return spec, slot.actor.decode.remote(self.sid, *spec, lend, self._here), slot, buf
 
     def _result(self, item: tuple) -> dict:
-        """A unit's rows (tensors over its slot when decoded into one, see _Slots)."""
+        """A unit's rows (tensors over its slot when decoded into one, see UnitSlots)."""
         import ray
 
         spec, ref, slot, buf = item
@@ -444,7 +317,7 @@ class RayDecoder(Decoder):
             return {**rows, "bg_id": out["bg_id"], "reason": out["reason"]}
 
     def decode(self, specs: list[Spec]) -> Iterator[dict]:
-        row = _unit_bytes(1, self.src.shapes)
+        row = unit_bytes(1, self.src.shapes)
         pending: deque[tuple] = deque()
         i = 0
         try:

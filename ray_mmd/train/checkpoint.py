@@ -302,4 +302,7 @@ class Checkpointer:
             if sync
             else ray.train.CheckpointUploadMode.ASYNC,
             checkpoint_upload_fn=upload,
+            # the upload function owns the staging dir and removes it, uploaded or not (Ray's own delete
+            # after an ASYNC upload would find it gone and log a traceback per checkpoint)
+            delete_local_checkpoint_after_upload=False,
         )

@@ -1,4 +1,4 @@
-"""The Ray decoder's /dev/shm slots without Ray: a full /dev/shm (a container's 64 MB default) makes a
+"""The Ray decoder's /dev/shm slots, without Ray: a full /dev/shm (a container's 64 MB default) makes a
 unit go through the object store instead of ending in SIGBUS inside an actor."""
 
 from __future__ import annotations
@@ -7,16 +7,16 @@ import errno
 import logging
 import os
 
-from ray_mmd.data import ray_decoder
+from ray_mmd.data import unit_slots
 
 
-def _files(slots: ray_decoder._Slots) -> list[str]:
+def _files(slots: unit_slots.UnitSlots) -> list[str]:
     d, pre = os.path.split(slots.prefix)
     return [n for n in os.listdir(d) if n.startswith(pre)]
 
 
 def test_a_slot_is_made_once_and_reused():
-    slots = ray_decoder._Slots(sid=10_001)
+    slots = unit_slots.UnitSlots(sid=10_001)
     a = slots.take(4096)
     assert a is not None and len(_files(slots)) == 1
     slots.give(a)
@@ -30,9 +30,9 @@ def test_no_room_in_dev_shm_means_no_slot_and_no_file(monkeypatch, caplog):
     def full(fd, offset, size):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ray_decoder.os, "posix_fallocate", full)
-    slots = ray_decoder._Slots(sid=10_002)
-    with caplog.at_level(logging.WARNING, logger=ray_decoder.__name__):
+    monkeypatch.setattr(unit_slots.os, "posix_fallocate", full)
+    slots = unit_slots.UnitSlots(sid=10_002)
+    with caplog.at_level(logging.WARNING, logger=unit_slots.__name__):
         assert slots.take(1 << 20) is None
         assert slots.take(1 << 20) is None
     assert _files(slots) == []
